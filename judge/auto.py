@@ -1,11 +1,17 @@
 """The `auto` reward method: TTRL where most samples carry an answer, the judge elsewhere."""
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
 from judge.extract import extract_answers
 
 Method = Literal["ttrl", "judge"]
+
+# The result of an equation ("17 + 25 = 42", "34 - 8 equals 26") anchors an answer too:
+# small models state arithmetic that way far more often than "The answer is 42", and a
+# chat reply that only mentions a number ("3 tips for sleep") has no "= 3".
+_RESULT_RE = re.compile(r"(?:=|\bequals\b)\s*\$?\s*[-+]?\d")
 
 
 def extraction_rate(answers: Sequence[str | None]) -> float:
@@ -24,14 +30,24 @@ def choose_method(texts: Sequence[str], threshold: float = 0.5) -> Method:
     """`ttrl` if at least `threshold` of the sampled texts carry an answer, else `judge`.
 
     Only anchored answers count here (boxed, "the answer is", "Answer:", a choice letter,
-    or a text that is nothing but math): with the last-number fallback, any chat reply
-    mentioning a number ("3 tips for sleep") would be sent to the vote.
+    a text that is nothing but math, or an equation's result "= 42"): with the last-number
+    fallback, any chat reply mentioning a number ("3 tips for sleep") would be sent to the
+    vote.
 
     Example:
         >>> choose_method(["The answer is 4.", "\\\\boxed{4}", "Answer: 5"])
         'ttrl'
+        >>> choose_method(["17 + 25 = 42.", "So 17 + 25 equals 41, I think."])
+        'ttrl'
         >>> choose_method(["Here are 3 tips for better sleep: ...", "Try warm milk."])
         'judge'
     """
+    if not texts:
+        return "judge"
     answers = extract_answers(texts, anchored_only=True)
-    return "ttrl" if answers and extraction_rate(answers) >= threshold else "judge"
+    answered = sum(
+        1
+        for text, answer in zip(texts, answers, strict=True)
+        if (answer is not None and answer.strip()) or _RESULT_RE.search(text or "")
+    )
+    return "ttrl" if answered / len(texts) >= threshold else "judge"

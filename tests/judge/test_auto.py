@@ -33,3 +33,24 @@ def test_choose_method_threshold_is_inclusive():
 
 def test_choose_method_no_texts_returns_judge():
     assert choose_method([]) == "judge"
+
+
+def test_choose_method_equation_results_returns_ttrl():
+    # SmolLM2-135M's own replies to "What is 16 + 7?" and the like, from a real prompt log:
+    # no "The answer is", but an equation's result, which the vote can use.
+    texts = [
+        "16 + 7 = 9.",
+        "To add 18 and 24, you just need to follow the mental equation: 18 + 24 = 36.",
+        "13 + 22 equals 35. Added together gives you a total of 35.",
+        "To solve this, you need to view the problem carefully.",
+    ]
+    assert choose_method(texts) == "ttrl"
+
+
+def test_choose_method_equals_sign_without_a_number_returns_judge():
+    texts = [
+        "Friendship = trust + time, in 2 words.",
+        "A good friend listens; kindness equals respect.",
+        "Pick 3 friends who make you laugh.",
+    ]
+    assert choose_method(texts) == "judge"
