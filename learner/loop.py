@@ -53,6 +53,7 @@ from learner.feed import Feed
 from learner.gate import GateResult, probe_prompts, run_gate
 from learner.logprobs import build_batch, prompt_ids, reference_logps, token_logps
 from learner.losses import dpo_loss, group_advantages, grpo_loss
+from learner.metrics import PHASES, LearnerMetrics
 from learner.policy import BASE, TRAIN, Policy
 from learner.store import AdapterStore
 from strop.records import AdapterVersion, Keys, PreferencePair, ScoredGroup
@@ -86,6 +87,7 @@ class Learner:
         )
         self.feed = Feed(r, stream, keys.learner_group, args.consumer, record_type)
         self.pause_at = pause_at
+        self.metrics = LearnerMetrics()
         self.stop = threading.Event()
         self.optimizer: torch.optim.Optimizer | None = None
         self.buffer: list[tuple[str, PreferencePair | ScoredGroup]] = []
@@ -201,6 +203,7 @@ class Learner:
             metrics["time/step_s"] = time.perf_counter() - t_step
             for k, v in metrics.items():
                 history[k].append(v)
+            self._observe_step(metrics, len(ids))
             shown = " | ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if k.split("/")[0] in SHOWN
             )
@@ -245,6 +248,7 @@ class Learner:
                 else:
                     # never trainable: acknowledge now, or it comes back after every restart
                     self.dropped[reason] += 1
+                    self.metrics.dropped.labels(reason).inc()
                     self.feed.ack([sid])
                     log.info("dropped record %s: %s", sid, reason)
         batch, self.buffer = self.buffer[:size], self.buffer[size:]
@@ -445,6 +449,9 @@ class Learner:
             meta.status = "rejected"
             meta.reason = f"parent {meta.parent} was replaced while {meta.version} was gated"
             self.store.update(meta)
+        self.metrics.versions.labels(meta.status).inc()
+        if "gate/kl" in meta.gate:
+            self.metrics.gate_kl.set(meta.gate["gate/kl"])
         if meta.status == "promoted":
             self.registry.promote(meta.version, gate=meta.gate)
             log.info("%s promoted: %s", meta.version, _brief(meta.gate))
@@ -472,10 +479,24 @@ class Learner:
                 pass  # the read loop reports Redis being down
             except Exception:  # a failed check must not stop training
                 log.exception("rollback check failed")
+        self.metrics.buffered.set(waiting)
         self._state(phase="waiting", buffered=waiting, waiting_s=round(now - (since or now), 1))
 
+    def _observe_step(self, metrics: dict[str, float], records: int) -> None:
+        m = self.metrics
+        m.steps.inc()
+        m.records.inc(records)
+        m.step_seconds.observe(metrics["time/step_s"])
+        m.grad_norm.set(metrics["grad/norm"])
+        m.reward.set(metrics["reward/mean"])
+        m.loss.set(next(v for k, v in metrics.items() if k.startswith("loss/")))
+
     def _state(self, **fields) -> None:
-        """What the learner is doing, for operators (`strop adapters list`) and tests."""
+        """What the learner is doing, for operators (`strop adapters list`, Prometheus)
+        and tests."""
+        if fields.get("phase") in PHASES:
+            self.metrics.phase.state(fields["phase"])
+        self.metrics.promoted.set(version_index(self.policy.parent))
         fields = {
             k: json.dumps(v) if isinstance(v, dict) else v
             for k, v in fields.items()
@@ -542,6 +563,8 @@ def main(settings: Settings, max_versions: int | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if learner.metrics.serve(settings.learner_metrics_port, settings.host):
+        log.info("learner metrics on :%d", settings.learner_metrics_port)
     learner.start()
     written = learner.run(max_versions)
     log.info("learner stopped; wrote %s", ", ".join(written) or "no version")

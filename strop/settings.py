@@ -162,6 +162,8 @@ class Settings(BaseSettings):
     """A new version whose live mean reward is lower than its predecessor's by more is rolled back."""
     rollback_min_samples: int = 20
     """Rewards needed from each version before the rollback check decides."""
+    learner_metrics_port: int = 9102
+    """Port of the learner's Prometheus metrics (0 = off)."""
 
     log_level: str = "INFO"
     """Level of strop's own log lines (libraries only warn)."""

@@ -440,7 +440,7 @@ def _scrape_targets(job: dict) -> set[tuple[str, int]]:
     return targets
 
 
-def test_prometheus_scrapes_the_service_and_worker_ports_of_the_compose_file():
+def test_prometheus_scrapes_the_service_worker_and_learner_ports_of_the_compose_file():
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = set().union(*(_scrape_targets(j) for j in prom["scrape_configs"]))
     s = services()
@@ -448,18 +448,30 @@ def test_prometheus_scrapes_the_service_and_worker_ports_of_the_compose_file():
     worker_port = int(environment(s["worker"])["STROP_WORKER_METRICS_PORT"])
     assert ("service", service_port) in targets
     assert ("worker", worker_port) in targets
+    for learner in ("learner", "learner-cpu"):  # the cpu one answers to `learner` too
+        port = int(environment(s[learner])["STROP_LEARNER_METRICS_PORT"])
+        names = {learner} | set(
+            s[learner].get("networks", {}).get("default", {}).get("aliases", [])
+        )
+        assert ("learner", port) in targets and "learner" in names
+        assert environment(s[learner])["STROP_HOST"] == "0.0.0.0"  # reachable, not loopback
     assert ("vllm", int(flag(command(s["vllm"]), "--port"))) in targets
     mounted = mounts(s["prometheus"])
     assert mounted[flag(command(s["prometheus"]), "--config.file")][0] == "./deploy/prometheus.yml"
 
 
 def _metric_names() -> set[str]:
+    from learner.metrics import LearnerMetrics
     from service.metrics import ServiceMetrics
     from worker.monitor import WorkerMetrics
 
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count")}
     names = set()
-    for registry in (ServiceMetrics().registry, WorkerMetrics().registry):
+    for registry in (
+        ServiceMetrics().registry,
+        WorkerMetrics().registry,
+        LearnerMetrics().registry,
+    ):
         for family in registry.collect():
             names |= {family.name + s for s in suffixes.get(family.type, ("",))}
     return names
@@ -481,9 +493,10 @@ def test_grafana_dashboard_parses_and_uses_only_metrics_that_exist():
             assert names, f"panel {p['title']!r} queries no strop metric: {t['expr']}"
             assert names <= known, f"panel {p['title']!r}: unknown {names - known}"
             used |= names
-    # the dashboard covers both strop processes that expose metrics
+    # the dashboard covers the three strop processes that expose metrics
     assert any(n.startswith("strop_worker_") for n in used)
     assert any(n.startswith("strop_request") for n in used)
+    assert any(n.startswith("strop_learner_") for n in used)
 
 
 def test_grafana_provisioning_points_at_compose_prometheus_and_dashboard_mount():

@@ -71,6 +71,7 @@ def _learner(settings: Settings) -> subprocess.CompletedProcess:
         "STROP_ADAPTER_DIR": str(settings.adapter_dir),
         "STROP_DEVICE": "cpu",
         "STROP_ALGORITHM": "grpo",
+        "STROP_LEARNER_METRICS_PORT": "0",
         "STROP_BATCH_SIZE": "2",
         "STROP_STEPS_PER_VERSION": "1",
         "STROP_LEARNING_RATE": "1e-3",

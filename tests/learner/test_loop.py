@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from learner.args import Args
 from learner.loop import PAUSE_ENV, build
@@ -22,7 +24,7 @@ from learner.store import AdapterStore
 from strop.records import AdapterVersion, Keys, PreferencePair, ScoredGroup
 from strop.registry import Registry
 from strop.settings import Settings
-from tests.conftest import MODEL_CACHE, REDIS_URL
+from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
 from tests.service.harness import make_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +118,37 @@ def test_learner_dpo_version_saved_then_acked_and_promoted(make_learner):
         n for n, p in learner.policy.model.named_parameters() if not torch.equal(p, before[n])
     ]
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_learner_metrics_scraped_over_http_after_a_version(make_learner):
+    learner = make_learner(steps_per_version=2)
+    long_pair = _pair(9).model_copy(update={"messages": [{"role": "user", "content": "hi " * 400}]})
+    learner.r.xadd(learner.keys.pairs, long_pair.to_stream())  # over max_len: dropped
+    for i in range(4):
+        learner.r.xadd(learner.keys.pairs, _pair(i).to_stream())
+    port = free_port()
+    assert learner.metrics.serve(port, "127.0.0.1")
+    assert not learner.metrics.serve(port, "127.0.0.1")  # port taken: logged, not fatal
+    learner.start()
+    assert learner.run(max_versions=1) == ["v1"]
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("strop_learner_steps_total", ())] == 2
+    assert samples[("strop_learner_records_total", ())] == 4
+    assert samples[("strop_learner_dropped_total", (("reason", "too_long"),))] == 1
+    assert samples[("strop_learner_versions_total", (("status", "promoted"),))] == 1
+    assert samples[("strop_learner_promoted_version", ())] == 1
+    assert samples[("strop_learner_step_seconds_count", ())] == 2
+    gate = learner.store.read("v1").gate
+    assert samples[("strop_learner_gate_kl", ())] == pytest.approx(gate["gate/kl"])
+    assert samples[("strop_learner_loss", ())] > 0  # DPO's loss is -log sigmoid(...) > 0
+    phase = {k[1][0][1]: v for k, v in samples.items() if k[0] == "strop_learner_phase"}
+    assert phase["stopped"] == 1 and sum(phase.values()) == 1
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
@@ -352,6 +385,7 @@ def test_learner_killed_during_step_and_save_resumes_without_losing_records(
         "STROP_GATE_KL_LIMIT": "1.0",
         "STROP_LORA_TARGET_MODULES": "q_proj,v_proj",
         "STROP_LOG_LEVEL": "INFO",
+        "STROP_LEARNER_METRICS_PORT": "0",
     }
     ids = {redis_client.xadd(keys.pairs, _pair(i).to_stream()) for i in range(8)}
 
