@@ -24,6 +24,7 @@ from strop.labeled import make_labeled_set
 from strop.records import Keys, ScoredGroup
 from strop.registry import Registry
 from strop.settings import Settings
+from strop.status import queues
 
 OPEN_ENDED = [
     "Write a haiku about the sea.",
@@ -41,6 +42,7 @@ OPEN_ENDED = [
 ]
 TRAIN_SEED, HELD_OUT_SEED = 1, 20261123
 CONCURRENCY = 4  # client threads: enough to keep the engine's batches full
+BACKLOG = 4  # prompts logged but not yet built: more would only compete for the CPU
 
 
 def _client(settings: Settings) -> openai.OpenAI:
@@ -121,13 +123,21 @@ def run_demo(settings: Settings, versions: int = 2, minutes: float = 30, held_ou
             failed[0] += 1
             print(f"request failed: {e}", flush=True)
 
+    def backlog() -> int:
+        q = queues(r, keys, settings)
+        return (q["build"] or 0) + (q["prompt_log"]["lag"] or 0)
+
     def traffic_loop() -> None:
+        # As fast as the worker builds, no faster: on a small machine the demo's own
+        # requests would otherwise take the CPU the worker and learner need.
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             for prompt in traffic:
+                while not stop.is_set() and backlog() >= BACKLOG:
+                    stop.wait(2.0)
                 if stop.is_set():
                     break
                 pool.submit(send, prompt)
-                time.sleep(1.0)  # a steady trickle; the worker's backpressure does the rest
+                time.sleep(1.0)
 
     sender = threading.Thread(target=traffic_loop, daemon=True)
     sender.start()

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger("strop.model")
 
@@ -109,9 +110,12 @@ def load_model(
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tok = load_tokenizer(name, cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_dir(name, cache_dir), dtype=dtype
-        )
+        path = resolve_model_dir(name, cache_dir)
+        hf_logging.disable_progress_bar()  # loading takes under a second: a bar is noise
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        finally:
+            hf_logging.enable_progress_bar()
     except OSError as e:
         raise ModelNotFound(
             f"model {name!r} not found ({e.__class__.__name__}): set STROP_MODEL "

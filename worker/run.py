@@ -52,6 +52,7 @@ def run_worker(
     app = create_app(settings)
     start_metrics_server(settings.worker_metrics_port, settings.host, process_metrics())
     argv = [
+        "--quiet",  # no banner: the log line above says what matters
         "worker",
         f"--loglevel={settings.log_level}",
         f"--pool={pool}",
