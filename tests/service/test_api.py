@@ -382,28 +382,35 @@ def test_adapter_load_unload_never_fails_requests_in_flight(client, server, adap
         r = httpx.post(server.url + path, headers=admin, json=body, timeout=60)
         assert r.status_code == 200, r.text
 
-    admin_post("/v1/load_lora_adapter", {"lora_name": "ext-b", "lora_path": str(adapter_root / "v2")})
+    admin_post(
+        "/v1/load_lora_adapter", {"lora_name": "ext-b", "lora_path": str(adapter_root / "v2")}
+    )
     errors: list[Exception] = []
     served: list[str] = []
 
     def ask(model: str, times: int, max_tokens: int) -> None:
         for _ in range(times):
             try:
-                r = client.chat.completions.create(model=model, messages=MESSAGES,
-                                                   max_tokens=max_tokens, temperature=0)
+                r = client.chat.completions.create(
+                    model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0
+                )
                 served.append(r.model)
             except Exception as e:  # collected: the assertion below names them
                 errors.append(e)
 
     long_one = threading.Thread(target=ask, args=("ext-b", 1, 64))
-    others = [threading.Thread(target=ask, args=(m, 4, 12)) for m in ("strop@v1", "base", "strop@v2")]
+    others = [
+        threading.Thread(target=ask, args=(m, 4, 12)) for m in ("strop@v1", "base", "strop@v2")
+    ]
     long_one.start()
     for t in others:
         t.start()
     time.sleep(0.1)
     admin_post("/v1/unload_lora_adapter", {"lora_name": "ext-b"})  # while its request runs
     for _ in range(3):  # churn while the others run
-        admin_post("/v1/load_lora_adapter", {"lora_name": "ext-c", "lora_path": str(adapter_root / "v1")})
+        admin_post(
+            "/v1/load_lora_adapter", {"lora_name": "ext-c", "lora_path": str(adapter_root / "v1")}
+        )
         admin_post("/v1/unload_lora_adapter", {"lora_name": "ext-c"})
     for t in [long_one, *others]:
         t.join(120)

@@ -69,7 +69,9 @@ def test_remote_engine_down_gives_503_not_crash(settings, tiny_engine):
     from tests.conftest import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
-    with ServerThread(settings.model_copy(update={"engine": "remote", "engine_url": dead})) as front:
+    with ServerThread(
+        settings.model_copy(update={"engine": "remote", "engine_url": dead})
+    ) as front:
         fc = openai.OpenAI(base_url=front.url + "/v1", api_key=API_KEY, max_retries=0)
         with pytest.raises(openai.InternalServerError) as e:
             fc.chat.completions.create(model="strop", messages=MESSAGES, max_tokens=4)
@@ -85,11 +87,18 @@ def test_remote_engine_that_lost_an_adapter_gets_it_again(front):
 
     front, back = front
     fc = openai.OpenAI(base_url=front.url + "/v1", api_key=API_KEY, max_retries=0)
-    first = fc.chat.completions.create(model="strop@v1", messages=MESSAGES, max_tokens=6, temperature=0)
-    r = httpx.post(back.url + "/v1/unload_lora_adapter", json={"lora_name": "strop-v1"},
-                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    first = fc.chat.completions.create(
+        model="strop@v1", messages=MESSAGES, max_tokens=6, temperature=0
+    )
+    r = httpx.post(
+        back.url + "/v1/unload_lora_adapter",
+        json={"lora_name": "strop-v1"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
     assert r.status_code == 200 and "strop-v1" not in back.service.versions.external
-    again = fc.chat.completions.create(model="strop@v1", messages=MESSAGES, max_tokens=6, temperature=0)
+    again = fc.chat.completions.create(
+        model="strop@v1", messages=MESSAGES, max_tokens=6, temperature=0
+    )
     assert again.model == "strop@v1"
     assert again.choices[0].message.content == first.choices[0].message.content
     assert "strop-v1" in back.service.versions.external
