@@ -79,3 +79,47 @@ def test_serve_without_keys_binds_localhost_and_says_so(tiny_model_dir, redis_pr
         _, err = p.communicate(timeout=30)
     assert "binding to 127.0.0.1 only" in err
     assert p.returncode in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
+
+
+def test_adapters_list_show_promote_rollback(tiny_model_dir, redis_prefix, redis_client, tmp_path):
+    from strop.records import AdapterVersion, Keys
+    from strop.registry import Registry
+    from tests.service.harness import make_adapter
+
+    root = tmp_path / "adapters"
+    registry = Registry(redis_client, Keys(redis_prefix))
+    for i, v in enumerate(("v1", "v2")):
+        make_adapter(root / v, tiny_model_dir, seed=i)
+        registry.add(AdapterVersion(version=v, parent="base", path=str(root / v)))
+    registry.promote("v1", gate={"gate/kl": 0.0123})
+    registry.reject("v2", "kl too high")
+    env = {"STROP_REDIS_PREFIX": redis_prefix, "STROP_ADAPTER_DIR": str(root)}
+
+    def run(*args: str) -> tuple[int, str, str]:
+        p = strop("adapters", *args, env=env)
+        out, err = p.communicate(timeout=60)
+        return p.returncode, out, err
+
+    code, out, _ = run("list")
+    rows = {
+        line.split()[1] if line.startswith("*") else line.split()[0]: line
+        for line in out.splitlines()[1:-1]
+    }
+    assert code == 0 and rows["v1"].startswith("* ") and "promoted" in rows["v1"]
+    assert "0.0123" in rows["v1"] and "rejected" in rows["v2"] and "kl too high" in rows["v2"]
+    assert out.splitlines()[-1] == "strop -> v1"
+
+    code, out, _ = run("show", "v2")
+    assert code == 0 and '"status": "rejected"' in out and '"reason": "kl too high"' in out
+
+    assert run("promote", "v2")[:2] == (0, "strop: v1 -> v2\n")
+    assert registry.promoted() == "v2"
+    code, out, _ = run("rollback")
+    assert code == 0 and registry.promoted() == "v1"
+    assert registry.get("v2").status == "rolled_back"
+    assert run("rollback", "base")[0] == 0 and registry.promoted() is None
+
+    code, _, err = run("show", "v9")
+    assert code == 1 and "unknown version v9" in err
+    code, _, err = run("promote", "v7")
+    assert code == 1 and "v7 is not in" in err and registry.promoted() is None
