@@ -1,0 +1,193 @@
+"""`strop up` run as a user runs it: it starts its own redis-server when none answers, then
+the service, worker and learner; SIGTERM stops every process it started; a child that dies
+is restarted once, and a second death stops the whole stack.
+
+Each run uses the tiny model and a private Redis port, so nothing is shared with other
+tests; the processes are real, and so are the signals.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from strop import up
+from strop.records import Keys
+from tests.conftest import MODEL_CACHE, free_port
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc), Celery's pool processes included."""
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for c in map(int, children):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+class Up:
+    """A `strop up` process whose output lines are collected as they come."""
+
+    def __init__(self, tmp_path: Path, tiny_model_dir: Path):
+        self.redis_url = f"redis://127.0.0.1:{free_port()}/0"
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "STROP_MODEL": str(tiny_model_dir),
+            "STROP_MODEL_CACHE_DIR": str(MODEL_CACHE),
+            "STROP_REDIS_URL": self.redis_url,
+            "STROP_PORT": str(self.port),
+            "STROP_API_KEYS": "",
+            "STROP_WORKER_METRICS_PORT": "0",
+            "STROP_LEARNER_METRICS_PORT": "0",
+            "STROP_MAX_CONTEXT": "512",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "strop.cli", "up"],
+            env=env,
+            cwd=tmp_path,  # `strop up` keeps its redis data in ./data/redis
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            if self.proc.poll() is not None and not any(text in line for line in self.lines):
+                time.sleep(0.5)  # the reader may still be draining the pipe
+                if any(text in line for line in self.lines):
+                    return
+                raise AssertionError(f"strop up exited before {text!r}:\n{self.output()}")
+            time.sleep(0.1)
+        raise AssertionError(f"no {text!r} in:\n{self.output()}")
+
+    def learner_pid(self, not_pid: int | None = None, timeout: float = 120) -> int:
+        """The pid the learner writes to its state in Redis once it is ready."""
+        r = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                pid = r.hget(Keys("strop:").learner_state, "pid")
+            except redis.ConnectionError:
+                pid = None
+            if pid and int(pid) != not_pid and _alive(int(pid)):
+                return int(pid)
+            time.sleep(0.2)
+        raise AssertionError(f"the learner never reported a pid:\n{self.output()}")
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"the service never became healthy:\n{self.output()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            for pid in _descendants(self.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def stack(tmp_path, tiny_model_dir):
+    stacks: list[Up] = []
+
+    def start() -> Up:
+        s = Up(tmp_path, tiny_model_dir)
+        stacks.append(s)
+        return s
+
+    yield start
+    for s in stacks:
+        s.kill()
+
+
+@pytest.mark.slow
+def test_up_starts_redis_and_every_part_then_sigterm_stops_them_all(stack, tmp_path):
+    s = stack()
+    s.wait_for("started redis-server at " + s.redis_url)
+    s.wait_healthy()
+    s.learner_pid()
+    s.wait_for("worker: service")
+    processes = _descendants(s.proc.pid)
+    # redis-server, service, worker (+ its pool processes), learner
+    assert len(processes) >= 4, s.output()
+    assert (tmp_path / "data" / "redis").is_dir()
+    for name in ("service |", "worker |", "learner |", "redis |"):
+        assert any(line.lstrip().startswith(name) for line in s.lines), name
+
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(60) == 0, s.output()
+    s.wait_for("stopped")
+    assert [p for p in processes if _alive(p)] == []
+
+
+@pytest.mark.slow
+def test_up_child_killed_is_restarted_once_then_a_second_death_stops_the_stack(stack):
+    s = stack()
+    s.wait_healthy()
+    first = s.learner_pid()
+    os.kill(first, signal.SIGKILL)
+    s.wait_for(f"learner exited with code -{signal.SIGKILL.value}; restarting it once")
+    second = s.learner_pid(not_pid=first)
+    s.wait_healthy()  # the rest kept running
+
+    processes = _descendants(s.proc.pid)
+    os.kill(second, signal.SIGKILL)
+    s.wait_for("learner exited again")
+    assert s.proc.wait(60) == 1, s.output()
+    s.wait_for("stopped")
+    assert [p for p in processes if _alive(p)] == []  # no half-running stack is left
+
+
+def test_ensure_redis_remote_url_not_answering_names_the_setting():
+    with pytest.raises(up.UpError, match="STROP_REDIS_URL"):
+        up.ensure_redis("redis://192.0.2.1:6379/0")  # TEST-NET-1: nothing answers there
+
+
+def test_ensure_redis_without_redis_server_says_how_to_install(monkeypatch):
+    # Mock: uninstalling redis-server would break every other test; hide it from PATH lookup.
+    monkeypatch.setattr(up.shutil, "which", lambda name: None)
+    with pytest.raises(up.UpError, match="apt-get install redis-server"):
+        up.ensure_redis(f"redis://127.0.0.1:{free_port()}/0")
