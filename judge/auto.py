@@ -12,6 +12,10 @@ Method = Literal["ttrl", "judge"]
 # small models state arithmetic that way far more often than "The answer is 42", and a
 # chat reply that only mentions a number ("3 tips for sleep") has no "= 3".
 _RESULT_RE = re.compile(r"(?:=|\bequals\b)\s*\$?\s*[-+]?\d")
+# A question that is itself arithmetic ("What is 17 + 25?") wants a number, so there the
+# last number of a reply is its answer (TTRL's math setting). "-" and "x" count only
+# between spaces: "2024-11-23" and "4x4" are not sums.
+_ARITHMETIC_RE = re.compile(r"\d\s*[+*/×÷]\s*\d|\d\s+[-x]\s+\d")
 
 
 def extraction_rate(answers: Sequence[str | None]) -> float:
@@ -26,13 +30,13 @@ def extraction_rate(answers: Sequence[str | None]) -> float:
     return sum(1 for a in answers if a is not None and a.strip()) / len(answers)
 
 
-def choose_method(texts: Sequence[str], threshold: float = 0.5) -> Method:
+def choose_method(texts: Sequence[str], threshold: float = 0.5, prompt: str = "") -> Method:
     """`ttrl` if at least `threshold` of the sampled texts carry an answer, else `judge`.
 
     Only anchored answers count here (boxed, "the answer is", "Answer:", a choice letter,
     a text that is nothing but math, or an equation's result "= 42"): with the last-number
     fallback, any chat reply mentioning a number ("3 tips for sleep") would be sent to the
-    vote.
+    vote. Unless the `prompt` is an arithmetic question: then any number counts.
 
     Example:
         >>> choose_method(["The answer is 4.", "\\\\boxed{4}", "Answer: 5"])
@@ -41,10 +45,12 @@ def choose_method(texts: Sequence[str], threshold: float = 0.5) -> Method:
         'ttrl'
         >>> choose_method(["Here are 3 tips for better sleep: ...", "Try warm milk."])
         'judge'
+        >>> choose_method(["To add them you get 32.", "It makes 42."], prompt="What is 19 + 23?")
+        'ttrl'
     """
     if not texts:
         return "judge"
-    answers = extract_answers(texts, anchored_only=True)
+    answers = extract_answers(texts, anchored_only=not _ARITHMETIC_RE.search(prompt))
     answered = sum(
         1
         for text, answer in zip(texts, answers, strict=True)

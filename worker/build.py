@@ -214,7 +214,12 @@ def score(
     s = ctx.settings
     answers = extract_answers(list(samples.texts))
     auto = s.reward_method == "auto"
-    method: Method = choose_method(list(samples.texts)) if auto else s.reward_method
+    question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    method: Method = (
+        choose_method(list(samples.texts), prompt=question if isinstance(question, str) else "")
+        if auto
+        else s.reward_method
+    )
     if method == "ttrl":
         return score_ttrl(samples, answers, s.n_train, s.min_majority_ratio)
     return score_judge(ctx, messages, samples, answers, deadline)

@@ -54,3 +54,22 @@ def test_choose_method_equals_sign_without_a_number_returns_judge():
         "Pick 3 friends who make you laugh.",
     ]
     assert choose_method(texts) == "judge"
+
+
+def test_choose_method_arithmetic_question_counts_any_number_returns_ttrl():
+    # SmolLM2-135M's replies to "What is 19 + 23?": numbers, but no "=" and no cue.
+    texts = [
+        "To add 19 and 23, you add them like 19 + 23, which is 32.",
+        "You get 42 when you add them.",
+        "The sum is 42.",
+        "I like numbers.",
+    ]
+    assert choose_method(texts) == "judge"  # without the question: no anchored answer
+    assert choose_method(texts, prompt="What is 19 + 23?") == "ttrl"
+    assert choose_method(texts, prompt="What is 7 - 3?") == "ttrl"
+
+
+def test_choose_method_dates_and_tips_are_not_arithmetic_questions():
+    texts = ["Here are 3 tips for better sleep.", "Sleep 8 hours.", "Try 2 things."]
+    assert choose_method(texts, prompt="What happened on 2024-11-23?") == "judge"
+    assert choose_method(texts, prompt="Give me 3 tips for better sleep.") == "judge"
