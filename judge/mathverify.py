@@ -9,6 +9,7 @@ very slow on deeply nested brackets (40 nested parentheses take over 10 s, and d
 repetition from a small model produces exactly that), so such text is never handed to it.
 """
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,10 @@ MAX_NESTING = 12
 """Text with brackets nested deeper than this is not parsed (see the module docstring)."""
 
 _OPEN, _CLOSE = "([{", ")]}"
+
+# math-verify warns on every call made without a timeout; off the main thread that is by
+# design here (see above), so its warnings would only bury strop's own lines.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def timeout_s() -> int | None:

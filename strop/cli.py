@@ -77,7 +77,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
                 if "gate/reward_candidate" in g
                 else "-"
             )
-            kl = f"{g['gate/kl']:.4f}" if "gate/kl" in g else "-"
+            kl = f"{g['gate/kl']:.3g}" if "gate/kl" in g else "-"
             records = sum(len(ids) for ids in v.consumed.values())
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created))
             mark = "* " if v.version == pointer else "  "

@@ -282,7 +282,7 @@ def render(data: dict[str, Any], width: int = 48) -> str:
         lines.append(
             f"{mark} {v['version']:8} {v['status']:12} {v['parent']:7} "
             f"{_ago(now - v['created']):10} {v['algorithm'] or '-':5} {v['records']:>7} "
-            f"{_num(loss, '.4f'):>8} {_num(g.get('gate/kl'), '.4f'):>8} {gate_reward:>12} "
+            f"{_num(loss, '.4f'):>8} {_num(g.get('gate/kl'), '.3g'):>8} {gate_reward:>12} "
             f"{live_s:>14}  {v['reason'] or ''}"
         )
     base = data["live"].get("base", {}).get("reward")

@@ -91,7 +91,7 @@ def test_adapters_list_show_promote_rollback(tiny_model_dir, redis_prefix, redis
     for i, v in enumerate(("v1", "v2")):
         make_adapter(root / v, tiny_model_dir, seed=i)
         registry.add(AdapterVersion(version=v, parent="base", path=str(root / v)))
-    registry.promote("v1", gate={"gate/kl": 0.0123})
+    registry.promote("v1", gate={"gate/kl": 1.889e-05})  # a small update's KL
     registry.reject("v2", "kl too high")
     env = {"STROP_REDIS_PREFIX": redis_prefix, "STROP_ADAPTER_DIR": str(root)}
 
@@ -106,7 +106,7 @@ def test_adapters_list_show_promote_rollback(tiny_model_dir, redis_prefix, redis
         for line in out.splitlines()[1:-1]
     }
     assert code == 0 and rows["v1"].startswith("* ") and "promoted" in rows["v1"]
-    assert "0.0123" in rows["v1"] and "rejected" in rows["v2"] and "kl too high" in rows["v2"]
+    assert "1.89e-05" in rows["v1"] and "rejected" in rows["v2"] and "kl too high" in rows["v2"]
     assert out.splitlines()[-1] == "strop -> v1"
 
     code, out, _ = run("show", "v2")

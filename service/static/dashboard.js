@@ -37,6 +37,8 @@ function s(tag, attrs, text) {
 
 const $ = (id) => document.getElementById(id);
 const fmt = (x, d = 3) => (typeof x === "number" && isFinite(x) ? x.toFixed(d) : "–");
+// KLs of small updates are 1e-5 and less: significant digits, not decimals
+const fmtSig = (x) => (typeof x === "number" && isFinite(x) ? String(Number(x.toPrecision(3))) : "–");
 const hhmm = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
 
 function ago(seconds) {
@@ -197,7 +199,7 @@ function renderVersions(d) {
       h("td", {}, v.algorithm || "–"),
       h("td", { class: "num" }, v.records),
       h("td", { class: "num", title: lossKey || "" }, fmt(tm[lossKey], 4)),
-      h("td", { class: "num" }, fmt(g["gate/kl"], 4)),
+      h("td", { class: "num" }, fmtSig(g["gate/kl"])),
       h("td", { class: "num" }, "gate/reward_candidate" in g
         ? `${fmt(g["gate/reward_parent"], 2)} → ${fmt(g["gate/reward_candidate"], 2)}` : "–"),
       h("td", { class: "num" }, live ? `${fmt(live.mean)} (${live.count})` : "–"),
