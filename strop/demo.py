@@ -150,7 +150,8 @@ def run_demo(settings: Settings, versions: int = 2, minutes: float = 30, held_ou
             for v in all_versions
             if v.status == "promoted" and v.version not in promoted_before
         ]
-        if time.time() - last >= 10:
+        reached = len(new_promoted) >= versions
+        if time.time() - last >= 10 or reached:  # and a last line showing the promotion
             last = time.time()
             print(
                 f"[{time.time() - start:5.0f}s] prompts sent {sent[0]} (failed {failed[0]}) | "
@@ -159,7 +160,7 @@ def run_demo(settings: Settings, versions: int = 2, minutes: float = 30, held_ou
                 f"{registry.promoted() or 'base'})",
                 flush=True,
             )
-        if len(new_promoted) >= versions:
+        if reached:
             break
         time.sleep(2)
     stop.set()

@@ -43,7 +43,9 @@ def test_demo_reports_new_promotion_and_held_out_accuracy_without_logging_it(
     out = capsys.readouterr().out
 
     assert code == 0, out
-    assert "prompts sent" in out and "1 version(s) promoted during the demo (target reached)" in out
+    progress = [line for line in out.splitlines() if "prompts sent" in line]
+    assert progress and progress[-1].endswith("(1 promoted now, strop -> v2)")
+    assert "1 version(s) promoted during the demo (target reached)" in out
     table = [
         [c.strip() for c in line.split("|")[1:-1]]
         for line in out.splitlines()
