@@ -398,13 +398,17 @@ function lineChart(el, opts) {
   svg.append(s("line", { x1: M.l, x2: W - M.r, y1: H - M.b, y2: H - M.b, class: "axis" }));
   svg.append(s("line", { x1: M.l, x2: M.l, y1: M.t, y2: H - M.b, class: "axis" }));
   // promotions and rollbacks, so a reward change can be read against the version change
-  let lastX = -Infinity, row = 0;
+  const rowEnds = []; // per label row: where its last label ends
   for (const m of [...(opts.marks || [])].sort((a, b) => a.t - b.t)) {
     const x = px(m.t);
-    row = x - lastX < 36 ? row + 1 : 0; // stack labels of close events instead of overprinting
-    lastX = x;
     svg.append(s("line", { x1: x, x2: x, y1: M.t, y2: H - M.b, class: "mark", stroke: m.color }));
     const right = x > W - 60; // near the right edge the label goes left of its line
+    // stack the labels of close events instead of overprinting them (about 7 units a character)
+    const width = 7 * m.label.length;
+    const start = right ? x - 3 - width : x + 3;
+    let row = 0;
+    while (rowEnds[row] !== undefined && rowEnds[row] > start - 2) row++;
+    rowEnds[row] = start + width;
     svg.append(s("text", {
       x: right ? x - 3 : x + 3, y: M.t - 4 + row * 11, class: "mark-label", fill: m.color,
       "text-anchor": right ? "end" : "start",
