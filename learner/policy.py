@@ -9,7 +9,6 @@
 
 import contextlib
 import logging
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from learner.store import AdapterStore
 
 log = logging.getLogger("strop.learner.policy")
-
-# PEFT reads transformers' deprecated `is_gradient_checkpointing` attribute: a warning for
-# PEFT's authors, not for whoever runs the learner.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
 
 TRAIN = "default"
 BASE = "base"

