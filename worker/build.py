@@ -44,6 +44,7 @@ from strop.settings import Settings
 from worker.app import WorkerContext
 from worker.monitor import Obs, write_series
 from worker.probe import probe_obs
+from worker.prompts import last_user_text
 
 log = logging.getLogger("strop.worker.build")
 
@@ -214,9 +215,8 @@ def score(
     s = ctx.settings
     answers = extract_answers(list(samples.texts))
     auto = s.reward_method == "auto"
-    question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
     method: Method = (
-        choose_method(list(samples.texts), prompt=question if isinstance(question, str) else "")
+        choose_method(list(samples.texts), prompt=last_user_text(messages))
         if auto
         else s.reward_method
     )
