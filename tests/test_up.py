@@ -88,26 +88,23 @@ class Up:
         while time.time() < deadline:
             if any(text in line for line in self.lines):
                 return
-            if self.proc.poll() is not None and not any(text in line for line in self.lines):
-                time.sleep(0.5)  # the reader may still be draining the pipe
-                if any(text in line for line in self.lines):
-                    return
-                raise AssertionError(f"strop up exited before {text!r}:\n{self.output()}")
+            if self.proc.poll() is not None:  # exited: only the reader's last lines may come
+                deadline = min(deadline, time.time() + 1)
             time.sleep(0.1)
         raise AssertionError(f"no {text!r} in:\n{self.output()}")
 
     def learner_pid(self, not_pid: int | None = None, timeout: float = 120) -> int:
         """The pid the learner writes to its state in Redis once it is ready."""
-        r = redis.Redis.from_url(self.redis_url, decode_responses=True)
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                pid = r.hget(Keys("strop:").learner_state, "pid")
-            except redis.ConnectionError:
-                pid = None
-            if pid and int(pid) != not_pid and _alive(int(pid)):
-                return int(pid)
-            time.sleep(0.2)
+        with redis.Redis.from_url(self.redis_url, decode_responses=True) as r:
+            while time.time() < deadline:
+                try:
+                    pid = r.hget(Keys("strop:").learner_state, "pid")
+                except redis.ConnectionError:
+                    pid = None
+                if pid and int(pid) != not_pid and _alive(int(pid)):
+                    return int(pid)
+                time.sleep(0.2)
         raise AssertionError(f"the learner never reported a pid:\n{self.output()}")
 
     def wait_healthy(self, timeout: float = 120) -> None:
