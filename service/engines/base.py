@@ -1,6 +1,6 @@
 """The engine interface: what the API needs from whatever runs the model.
 
-Two implementations: `embedded.py` (transformers + PEFT in this process) and `remote.py`
+Two implementations: `embedded/` (transformers + PEFT in this process) and `remote.py`
 (a vLLM-compatible server over HTTP). The API speaks only to this interface.
 Adapter names are opaque strings to an engine; `None` means the base model.
 """
