@@ -15,6 +15,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from judge.messages import message_text
+
 JUDGE_TEMPLATE = """\
 Review the user's question and the corresponding response using the additive 5-point \
 scoring system described below. Points are accumulated based on the satisfaction of each \
@@ -176,15 +178,9 @@ def _is_quoted(judgment: str, match: re.Match, answer: str | None) -> bool:
 def _render_conversation(messages: Sequence[dict[str, Any]]) -> str:
     """A conversation as plain text for the template's "User: {prompt}" slot."""
     turns = [m for m in messages if m.get("role") != "system"]
-    lines = [f"{str(m.get('role', 'user')).capitalize()}: {_text(m.get('content'))}" for m in turns]
+    lines = [
+        f"{str(m.get('role', 'user')).capitalize()}: {message_text(m.get('content'))}"
+        for m in turns
+    ]
     # the template already says "User: " before the first turn
     return "\n".join(lines).removeprefix("User: ")
-
-
-def _text(content: Any) -> str:
-    # OpenAI content is a string or a list of parts; only the text parts can be judged
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""

@@ -14,28 +14,11 @@ Reliability, in Celery's own terms:
   strands at most one per process and backpressure sees the real queue.
 """
 
-import os
-import socket
-from dataclasses import dataclass
-
-import httpx
-import openai
-import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
-from strop.records import Keys
+from strop.queues import BUILD_QUEUE, INGEST_QUEUE
 from strop.settings import Settings
-from worker.monitor import WorkerMetrics
-from worker.probe import load_probes
-
-BUILD_QUEUE = "build"  # broker list `{prefix}build`: the backpressure measure
-INGEST_QUEUE = "ingest"  # apart, so a full build queue never delays ingest
-INTERNAL_HEADER = "X-Strop-Internal"  # the service neither logs nor re-ingests these calls
-
-# kombu's Redis transport keeps priorities 3, 6 and 9 in lists of their own
-_PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
 
 
 def visibility_timeout(settings: Settings) -> int:
@@ -49,10 +32,12 @@ def soft_time_limit(settings: Settings) -> int:
 
 
 def create_app(settings: Settings) -> Celery:
-    """A Celery app for these settings, with the worker's tasks registered."""
+    """A Celery app for these settings; a worker on it imports and runs worker/tasks.py."""
     prefix = settings.redis_prefix
     vt = visibility_timeout(settings)
-    app = Celery("strop", set_as_current=False)
+    # a worker (or beat) imports the tasks when it starts, through Celery's `include`:
+    # worker/tasks.py imports this module, never the other way round
+    app = Celery("strop", set_as_current=False, include=["worker.tasks"])
     app.conf.update(
         broker_url=settings.redis_url,
         result_backend=settings.redis_url,
@@ -100,92 +85,5 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,  # strop's logfmt lines stay
         worker_send_task_events=False,
     )
-    app.strop_settings = settings
-    import worker.tasks  # noqa: F401  (registers the shared tasks on every app)
-
+    app.strop_settings = settings  # what worker/context.py makes a process's clients from
     return app
-
-
-def queue_length(r: redis.Redis, settings: Settings, queue: str = BUILD_QUEUE) -> int:
-    """Messages waiting in a broker queue (all priorities; reserved ones not included)."""
-    base = settings.redis_prefix + queue
-    pipe = r.pipeline(transaction=False)
-    pipe.llen(base)
-    for pri in _PRIORITY_STEPS:
-        pipe.llen(f"{base}{_PRIORITY_SEP}{pri}")
-    return sum(pipe.execute())
-
-
-# --- per-process context ----------------------------------------------------------------
-
-
-@dataclass
-class WorkerContext:
-    """What a task needs, made once per worker process (after the fork)."""
-
-    settings: Settings
-    keys: Keys
-    redis: redis.Redis
-    service: openai.OpenAI
-    metrics: WorkerMetrics
-    consumer: str  # this process's name in the prompt log's consumer group
-    probes: dict[str, str]  # gold answers: read by worker/probe.py only, never by a reward
-
-
-def make_context(settings: Settings, metrics: WorkerMetrics | None = None) -> WorkerContext:
-    """Clients (with timeouts), metrics and probe answers for one process."""
-    r = redis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-    )
-    service = openai.OpenAI(
-        base_url=settings.service_url.rstrip("/") + "/v1",
-        api_key=settings.service_api_key or "none",
-        # Celery retries with backoff; the client must not retry behind its back
-        max_retries=0,
-        timeout=httpx.Timeout(float(soft_time_limit(settings)), connect=5.0),
-        default_headers={INTERNAL_HEADER: "1"},
-    )
-    return WorkerContext(
-        settings=settings,
-        keys=Keys(settings.redis_prefix),
-        redis=r,
-        service=service,
-        metrics=metrics or WorkerMetrics(),
-        consumer=f"{socket.gethostname()}:{os.getpid()}",
-        probes=load_probes(settings.probe_file),
-    )
-
-
-_contexts: dict[tuple[int, int], WorkerContext] = {}
-
-
-def get_context(app: Celery) -> WorkerContext:
-    """The context of this process for `app` (a forked child makes its own)."""
-    key = (id(app), os.getpid())
-    ctx = _contexts.get(key)
-    if ctx is None:
-        ctx = _contexts[key] = make_context(app.strop_settings, process_metrics())
-    return ctx
-
-
-def release_contexts(app: Celery) -> None:
-    """Close this process's clients for `app` (tests make many apps in one process)."""
-    for key in [k for k in _contexts if k[0] == id(app)]:
-        ctx = _contexts.pop(key)
-        ctx.redis.close()
-        ctx.service.close()
-
-
-_metrics: WorkerMetrics | None = None
-
-
-def process_metrics() -> WorkerMetrics:
-    """This process's worker metrics: one set, shared by the apps of a process (tests)."""
-    global _metrics
-    if _metrics is None:
-        _metrics = WorkerMetrics()
-    return _metrics

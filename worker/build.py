@@ -15,7 +15,9 @@ In order, each step its own function:
 4. `commit`: group, pair, metrics and the "built" marker in one Redis transaction, run
    only if the marker is absent (WATCH). A retried or redelivered task finds the marker
    and writes nothing, so a prompt gives one group however often its task runs. The
-   idempotency key is a hash of the log entry id, the method and N/G.
+   idempotency key is a hash of the log entry id, the method and N/G. The `reward`
+   series (the live reward) gets the rewards of written groups only; a dropped group
+   counts in the other metrics.
 """
 
 import hashlib
@@ -40,9 +42,10 @@ from judge import (
     select_pair,
 )
 from strop.records import PreferencePair, PromptLogRecord, ScoredGroup
+from strop.series import Obs, write_series
 from strop.settings import Settings
-from worker.app import WorkerContext
-from worker.monitor import Obs, write_series
+from strop.versions import version_of_model
+from worker.context import WorkerContext
 from worker.probe import probe_obs
 from worker.prompts import last_user_text
 
@@ -89,18 +92,13 @@ class Scored:
     answers: tuple[str | None, ...]  # the N extracted answers
     vote: VoteResult | None  # TTRL only
     judge_scores: tuple[float, ...] | None  # judge only: the kept completions' mean scores
-    obs: tuple[Obs, ...]
+    obs: tuple[Obs, ...]  # what scoring measured; the reward itself only once written
 
 
 def group_id(log_id: str, settings: Settings) -> str:
     """Idempotency key: the same entry built the same way is one group."""
     key = f"{log_id}|{settings.reward_method}|{settings.n_votes}|{settings.n_train}"
     return hashlib.sha256(key.encode()).hexdigest()[:24]
-
-
-def version_of(served_model: str) -> str:
-    """`strop@v3` -> `v3`, `base` -> `base` (any other served name is kept as is)."""
-    return served_model.split("@", 1)[1] if served_model.startswith("strop@") else served_model
 
 
 def build_group(ctx: WorkerContext, log_id: str, deadline: float | None = None) -> str:
@@ -137,6 +135,9 @@ def build_group(ctx: WorkerContext, log_id: str, deadline: float | None = None) 
     else:
         group, pair = make_records(gid, log_id, record, samples, scored, s)
         obs.append(Obs("built", version, label=scored.method))
+        # live reward (strop.series.live_reward): the written groups' rewards only, so the
+        # dashboard and the rollback see what training sees
+        obs.append(Obs("reward", version, sum(scored.rewards), len(scored.rewards)))
         if pair is not None:
             obs.append(Obs("pairs", version))
         outcome = _finish(ctx, gid, group, pair, obs, "built")
@@ -185,7 +186,7 @@ def sample(ctx: WorkerContext, messages: list[dict[str, Any]], deadline: float) 
     choices = [c for resp in responses for c in sorted(resp.choices, key=lambda c: c.index)]
     return Samples(
         served_model=first.model,
-        version=version_of(first.model),
+        version=version_of_model(first.model),
         texts=tuple(c.message.content or "" for c in choices),
         token_logprobs=tuple(
             tuple(t.logprob for t in (c.logprobs.content or [])) if c.logprobs else ()
@@ -233,10 +234,7 @@ def score_ttrl(
     vote = majority_vote(answers)
     g = min(n_train, len(answers))
     rewards = tuple(vote.rewards[:g])
-    obs = [
-        Obs("extraction_rate", v, extraction_rate(answers)),
-        Obs("reward", v, sum(rewards), len(rewards)),
-    ]
+    obs = [Obs("extraction_rate", v, extraction_rate(answers))]
     if vote.label is not None:
         obs.append(Obs("majority_ratio", v, vote.ratio))
     if vote.label is None:
@@ -296,8 +294,6 @@ def score_judge(
     rewards = tuple(float(means[i]) for i in kept)
     obs = [Obs("extraction_rate", v, extraction_rate(answers))]
     obs += [Obs("judge_score", v, r, label=str(int(r + 0.5))) for r in rewards]
-    if rewards:
-        obs.append(Obs("reward", v, sum(rewards), len(rewards)))
     if len(kept) < 2:
         drop = "unscored"
     elif len(set(rewards)) < 2:

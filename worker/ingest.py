@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 import redis
 from pydantic import ValidationError
 
+from judge.messages import message_text
+from strop.connection import ensure_group
+from strop.queues import queue_length
 from strop.records import SCHEMA_VERSION, PromptLogRecord
-from worker.app import WorkerContext, queue_length
-from worker.monitor import Obs, write_series
-from worker.prompts import message_text, prompt_hash
+from strop.series import Obs, write_series
+from worker.context import WorkerContext
+from worker.prompts import prompt_hash
 
 log = logging.getLogger("strop.worker.ingest")
 
@@ -48,15 +51,6 @@ class IngestReport:
     read: int = 0
     enqueued: list[str] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
-
-
-def ensure_group(r: redis.Redis, stream: str, group: str) -> None:
-    """Create the consumer group (from the start of the log: nothing logged is skipped)."""
-    try:
-        r.xgroup_create(stream, group, id="0", mkstream=True)
-    except redis.ResponseError as e:
-        if "BUSYGROUP" not in str(e):
-            raise
 
 
 def run_ingest(
@@ -78,7 +72,7 @@ def run_ingest(
         return report
     try:
         ensure_group(r, keys.prompt_log, keys.ingest_group)
-        report.queue_length = queue_length(r, s)
+        report.queue_length = queue_length(r, s.redis_prefix)
         ctx.metrics.queue_length.set(report.queue_length)
         room = s.queue_limit - report.queue_length
         if room <= 0:

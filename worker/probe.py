@@ -6,32 +6,24 @@ gold answers into monitoring series (label_accuracy, reward_accuracy) and nothin
 No reward, group or pair ever sees a gold answer.
 """
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from judge import VoteResult, extract_answer, same_answer
-from worker.monitor import Obs
+from strop.labeled import read_jsonl
+from strop.series import Obs
 from worker.prompts import last_user_text, normalise
 
 log = logging.getLogger("strop.worker.probe")
 
 
 def load_probes(path: Path | None) -> dict[str, str]:
-    """Normalised probe prompt -> gold answer (empty without a file)."""
+    """Normalised probe prompt -> gold answer (empty without a file). A malformed file
+    raises ValueError naming the line (`strop.labeled.read_jsonl`)."""
     if path is None:
         return {}
-    probes: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                probes[normalise(str(item["prompt"]))] = str(item["answer"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("probe file %s: line %d is not {prompt, answer}; skipped", path, n)
+    probes = {normalise(q.prompt): q.answer for q in read_jsonl(path)}
     log.info("probe file %s: %d labeled prompts", path, len(probes))
     return probes
 

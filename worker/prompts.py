@@ -3,19 +3,12 @@
 import hashlib
 from typing import Any
 
+from judge.messages import message_text
+
 
 def normalise(text: str) -> str:
     """Lowercase, whitespace collapsed."""
     return " ".join(text.lower().split())
-
-
-def message_text(content: Any) -> str:
-    """A message's text (OpenAI content is a string or a list of parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
 
 
 def prompt_hash(messages: list[dict[str, Any]]) -> str:

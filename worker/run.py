@@ -37,7 +37,8 @@ def run_worker(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
     from celery.signals import worker_process_shutdown
 
-    from worker.app import create_app, process_metrics
+    from worker.app import create_app
+    from worker.context import process_metrics
     from worker.monitor import start_metrics_server
 
     if own_dir:

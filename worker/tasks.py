@@ -1,9 +1,10 @@
 """The worker's two Celery tasks: thin wrappers around worker/ingest.py and worker/build.py.
 
-They are shared tasks (registered on every app `worker.app.create_app` makes, so tests
-can run apps with settings of their own side by side); each reads its settings and
-clients from the app it runs on. Always send them through an app
-(`app.send_task("worker.build_group", ...)`), never through these module attributes.
+They are shared tasks: registered on every app `worker.app.create_app` makes (its
+`include` imports this module when a worker starts), so tests can run apps with settings
+of their own side by side; each reads its settings and clients from the app it runs on.
+Always send them through an app (`app.send_task("worker.build_group", ...)`), never
+through these module attributes.
 """
 
 import logging
@@ -12,11 +13,13 @@ import time
 from celery import Task, shared_task
 from redis.exceptions import RedisError
 
-from worker.app import BUILD_QUEUE, get_context, soft_time_limit
+from strop.queues import BUILD_QUEUE
+from strop.series import Obs, write_series
+from worker.app import soft_time_limit
 from worker.build import TRANSIENT_ERRORS
 from worker.build import build_group as build
+from worker.context import get_context
 from worker.ingest import run_ingest
-from worker.monitor import Obs, write_series
 
 log = logging.getLogger("strop.worker.tasks")
 

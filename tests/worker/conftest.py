@@ -19,7 +19,8 @@ from tests.service.conftest import *  # noqa: F403  (tiny_engine, settings, adap
 from tests.service.conftest import API_KEY
 from tests.service.harness import ServerThread, start_engine
 from tests.worker.voter import build_voter_model
-from worker.app import create_app, make_context, release_contexts
+from worker.app import create_app
+from worker.context import make_context, release_contexts
 
 # The worker settings of most tests: TTRL over N = G = 9 one-token answers. The voter
 # model answers "1" or "2" at random, so with an odd N there is a strict majority, and

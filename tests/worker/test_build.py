@@ -1,20 +1,22 @@
-"""Build against the real service: idempotent writes, the version that sampled, the judge
-path, and retries while the service is unreachable."""
+"""Build against the real service: idempotent writes, the version that sampled, the live
+reward of written groups only, the judge path, and retries while the service is unreachable."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import pytest
 from celery.contrib.testing.worker import start_worker
 from celery.signals import task_retry
 
 from strop.records import Keys, ScoredGroup
+from strop.series import Obs, live_reward, read_series
 from tests.service.conftest import API_KEY
 from tests.service.harness import ServerThread
 from tests.worker.conftest import WORKER, log_record, wait_until
-from worker.app import create_app, make_context, release_contexts
+from worker.app import create_app
 from worker.build import build_group, commit, group_id
-from worker.monitor import Obs, read_series
+from worker.context import make_context, release_contexts
 
 
 def groups_of(r, keys: Keys, log_id: str) -> list[ScoredGroup]:
@@ -32,9 +34,10 @@ def test_build_group_concurrent_runs_write_one_group(ctx, r):
     assert len(first) == 1 and first[0] in ("built", "no_signal")
     assert len(groups_of(r, ctx.keys, log_id)) == (first[0] == "built")
     assert build_group(ctx, log_id) == f"already:{first[0]}"
-    # counted once, however often it ran
-    counted = read_series(r, ctx.keys, "reward")["base"]
-    assert sum(pt.count for pt in counted) == 9
+    # counted once, however often it ran (the reward only if the group was written)
+    assert sum(pt.count for pt in read_series(r, ctx.keys, "extraction_rate")["base"]) == 1
+    counted = live_reward(r, ctx.keys).get("base", [])
+    assert sum(pt.count for pt in counted) == (9 if first[0] == "built" else 0)
 
 
 def test_commit_existing_marker_writes_nothing(ctx, r):
@@ -71,10 +74,46 @@ def test_build_group_promoted_version_recorded_and_pinned(service, ctx, r):
     log_id = r.xadd(ctx.keys.prompt_log, log_record("Pick: 1 or 2?"))
     outcome = build_group(ctx, log_id)
     assert outcome in ("built", "no_signal")
-    assert set(read_series(r, ctx.keys, "reward")) == {"v1"}
+    assert set(read_series(r, ctx.keys, "extraction_rate")) == {"v1"}
     if outcome == "built":
         (g,) = groups_of(r, ctx.keys, log_id)
         assert g.version == "v1" and len(g.completions) == 9
+        assert set(live_reward(r, ctx.keys)) == {"v1"}
+
+
+def test_build_group_dropped_adds_no_live_reward_built_adds_its_rewards(ctx, worker_settings, r):
+    keys = ctx.keys
+    # only a unanimous vote passes a majority ratio of 1.0, and a unanimous one has no
+    # signal: every group of this context is dropped
+    strict = make_context(worker_settings.model_copy(update={"min_majority_ratio": 1.0}))
+    try:
+        dropped_id = r.xadd(keys.prompt_log, log_record("Drop me: 1 or 2?"))
+        assert build_group(strict, dropped_id) in ("weak_majority", "no_signal")
+    finally:
+        strict.redis.close()
+        strict.service.close()
+    assert live_reward(r, keys) == {}
+    reward_count = {"version": "base"}
+    assert (
+        strict.metrics.registry.get_sample_value("strop_worker_reward_count", reward_count) is None
+    )
+    # what scoring measured is still recorded, and the drop is counted
+    assert sum(pt.count for pt in read_series(r, keys, "majority_ratio")["base"]) == 1
+    assert sum(pt.count for pt in read_series(r, keys, "extraction_rate")["base"]) == 1
+    assert sum(pt.count for pt in read_series(r, keys, "dropped")["base"]) == 1
+
+    for i in range(3):  # nine coin flips all agree (no signal) with p = 2/512
+        log_id = r.xadd(keys.prompt_log, log_record(f"Keep me {i}: 1 or 2?"))
+        if build_group(ctx, log_id) == "built":
+            break
+    else:
+        pytest.fail("three unanimous groups in a row: p = 6e-8")
+    (g,) = groups_of(r, keys, log_id)
+    live = live_reward(r, keys)
+    assert list(live) == ["base"]
+    assert sum(pt.count for pt in live["base"]) == len(g.rewards) == 9
+    assert sum(pt.sum for pt in live["base"]) == sum(g.rewards)
+    assert ctx.metrics.registry.get_sample_value("strop_worker_reward_count", reward_count) == 1
 
 
 def test_build_auto_gibberish_uses_judge_and_drops_unscored(settings, tiny_engine, r):

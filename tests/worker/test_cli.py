@@ -5,20 +5,18 @@ import signal
 import subprocess
 import sys
 
-from strop.settings import Settings
+from strop.queues import INGEST_QUEUE, queue_length
 from tests.conftest import REDIS_URL
 from tests.worker.conftest import wait_until
-from worker.app import INGEST_QUEUE, queue_length
 
 
 def test_beat_sends_ingest_task_every_interval(redis_prefix, r, tmp_path):
-    settings = Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STROP_")}
     env.update(
         STROP_REDIS_URL=REDIS_URL, STROP_REDIS_PREFIX=redis_prefix, STROP_INGEST_INTERVAL_S="0.5"
     )
     beat = subprocess.Popen(
-        [sys.executable, "-m", "strop.cli", "beat"],
+        [sys.executable, "-m", "ops.cli", "beat"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -26,7 +24,7 @@ def test_beat_sends_ingest_task_every_interval(redis_prefix, r, tmp_path):
         start_new_session=True,
     )
     try:
-        assert wait_until(lambda: queue_length(r, settings, INGEST_QUEUE) >= 2, timeout=30)
+        assert wait_until(lambda: queue_length(r, redis_prefix, INGEST_QUEUE) >= 2, timeout=30)
     finally:
         os.killpg(beat.pid, signal.SIGTERM)
         beat.wait(20)

@@ -4,9 +4,9 @@ acknowledgment, and entries left pending by a dead consumer."""
 import pytest
 from celery.contrib.testing.worker import start_worker
 
+from strop.queues import BUILD_QUEUE, queue_length
 from strop.records import Keys
 from tests.worker.conftest import log_record, wait_until
-from worker.app import BUILD_QUEUE, queue_length
 from worker.build import group_id
 from worker.ingest import run_ingest
 
@@ -37,7 +37,7 @@ def test_ingest_filters_drop_and_acknowledge(ctx, celery_app, r):
     report = run_ingest(ctx, sender(celery_app))
     assert report.enqueued == [ids["ok"]]
     assert dict(report.dropped) == {"too_long": 1, "internal": 1, "bad_record": 1, "duplicate": 1}
-    assert queue_length(r, ctx.settings) == 1
+    assert queue_length(r, ctx.settings.redis_prefix) == 1
     # everything read was handled, so acknowledged; a second run finds nothing new
     assert r.xpending(keys.prompt_log, keys.ingest_group)["pending"] == 0
     assert run_ingest(ctx, sender(celery_app)).read == 0
@@ -53,9 +53,9 @@ def test_ingest_full_queue_leaves_entries_unread_until_it_drains(
     # no worker consumes: the queue fills up to the limit and ingest stops reading
     for _ in range(4):
         report = run_ingest(ctx, sender(celery_app))
-        assert queue_length(r, ctx.settings) <= 5
+        assert queue_length(r, ctx.settings.redis_prefix) <= 5
     assert report.paused and report.read == 0
-    assert queue_length(r, ctx.settings) == 5
+    assert queue_length(r, ctx.settings.redis_prefix) == 5
     assert lag(r, keys) == 7  # unread, so nothing is lost
     assert r.xpending(keys.prompt_log, keys.ingest_group)["pending"] == 0
 
@@ -64,7 +64,7 @@ def test_ingest_full_queue_leaves_entries_unread_until_it_drains(
 
         def all_enqueued() -> bool:
             run_ingest(ctx, sender(celery_app))
-            assert queue_length(r, ctx.settings) <= 5
+            assert queue_length(r, ctx.settings.redis_prefix) <= 5
             return lag(r, keys) == 0
 
         assert wait_until(all_enqueued, timeout=60, interval=0.2)
@@ -105,5 +105,5 @@ def test_ingest_enqueue_failure_leaves_entry_pending_then_claimed(ctx, celery_ap
     assert r.xpending(keys.prompt_log, keys.ingest_group)["pending"] == 2
     report = run_ingest(ctx, sender(celery_app), claim_idle_s=0)
     assert sorted(report.enqueued) == sorted(ids[1:])  # not dropped as duplicates
-    assert queue_length(r, ctx.settings) == 3
+    assert queue_length(r, ctx.settings.redis_prefix) == 3
     assert r.xpending(keys.prompt_log, keys.ingest_group)["pending"] == 0

@@ -13,10 +13,10 @@ group has no signal only when all nine agree (p = 2/512, which the tests allow f
 import openai
 
 from strop.records import Keys, PreferencePair, ScoredGroup
+from strop.series import live_reward, read_series
 from tests.service.conftest import API_KEY
 from tests.worker.conftest import log_ids, log_record, wait_until
 from worker.build import group_id
-from worker.monitor import read_series
 
 
 def client(service) -> openai.OpenAI:
@@ -93,8 +93,10 @@ def test_worker_logged_prompts_become_groups_and_pairs(
     assert sum(pt.count for pt in ratio) == 3 and 5 / 9 <= ratio[-1].mean <= 1.0
     assert sum(pt.count for pt in read_series(r, keys, "ingested")["base"]) == 3
     assert read_series(r, keys, "extraction_rate")["base"][-1].mean == 1.0
-    reward = read_series(r, keys, "reward")["base"]
-    assert sum(pt.count for pt in reward) == 27
+    # the live reward: the rewards of the groups written, and only those
+    reward = live_reward(r, keys)["base"]
+    assert sum(pt.count for pt in reward) == 9 * len(built)
+    assert sum(pt.sum for pt in reward) == sum(sum(g.rewards) for g in gs)
 
 
 def test_worker_opted_out_prompt_never_becomes_group(

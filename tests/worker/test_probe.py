@@ -3,26 +3,34 @@
 import json
 import time
 
+import pytest
+
 from strop.records import ScoredGroup
+from strop.series import read_series
 from tests.worker.conftest import log_record
-from worker.app import make_context
 from worker.build import build_group, sample, score
-from worker.monitor import read_series
+from worker.context import make_context
 from worker.probe import load_probes, probe_obs
 
 PROMPT = "Pick: 1 or 2?"
 
 
-def probe_file(tmp_path, answer: str):
+def probe_file(tmp_path, answer: str, *extra: str):
     path = tmp_path / "probe.jsonl"
-    lines = [json.dumps({"prompt": "  pick: 1 OR 2? ", "answer": answer}), "not json", ""]
+    lines = [json.dumps({"prompt": "  pick: 1 OR 2? ", "answer": answer}), "", *extra]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def test_load_probes_normalises_prompts_and_skips_bad_lines(tmp_path):
+def test_load_probes_normalises_prompts_and_skips_blank_lines(tmp_path):
     assert load_probes(probe_file(tmp_path, "\\boxed{7}")) == {"pick: 1 or 2?": "\\boxed{7}"}
     assert load_probes(None) == {}
+
+
+def test_load_probes_bad_line_raises_naming_it(tmp_path):
+    # a silently shorter probe set would skew the accuracy series: refuse the file
+    with pytest.raises(ValueError, match="line 3 is not a"):
+        load_probes(probe_file(tmp_path, "7", "not json"))
 
 
 def test_probe_rewards_identical_with_and_without_probe_file(ctx, worker_settings, tmp_path):

@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import openai
 
+from strop.queues import queue_length
 from strop.records import Keys, PreferencePair, ScoredGroup
 from tests.conftest import free_port
 from tests.service.conftest import API_KEY
 from tests.worker.conftest import wait_until
-from worker.app import queue_length
 from worker.build import group_id
 
 # Sampling 15 answers of 150 tokens takes the voter model a few seconds on this machine:
@@ -50,7 +50,7 @@ def start(args: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
     """`strop <args>` in a session of its own, so the whole worker (pool children and
     embedded beat) can be killed at once."""
     return subprocess.Popen(
-        [sys.executable, "-m", "strop.cli", *args],
+        [sys.executable, "-m", "ops.cli", *args],
         env=env,
         cwd=cwd,
         stdout=log.open("w"),
@@ -104,7 +104,7 @@ def test_worker_killed_mid_task_redelivered_writes_one_group(service, worker_set
         assert wait_until(lambda: r.exists(marker), timeout=90), log_b.read_text()
         # acknowledged after it ran, and no copy left anywhere to run again
         assert wait_until(lambda: r.hlen(keys.prefix + "unacked") == 0, timeout=10)
-        assert queue_length(r, settings) == 0
+        assert queue_length(r, settings.redis_prefix) == 0
         assert r.get(marker) == "built", "all 15 answers agreed: p = 6e-5"
         groups = [ScoredGroup.from_stream(f) for _, f in r.xrange(keys.groups)]
         assert [g.log_id for g in groups] == [log_id]
