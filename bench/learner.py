@@ -108,22 +108,27 @@ def child_strop(args, micro: int | None = None) -> dict:
 
     prefix = f"bench-learner-{uuid.uuid4().hex[:8]}:"
     tmp = tempfile.mkdtemp(prefix="strop-bench-")
-    settings = Settings(redis_prefix=prefix, adapter_dir=Path(tmp) / "adapters", device="cpu")
     total = args.warmup + args.steps
+    settings = Settings(
+        redis_prefix=prefix,
+        adapter_dir=Path(tmp) / "adapters",
+        device="cpu",
+        algorithm="dpo",
+        batch_size=args.batch_size,
+        steps_per_version=total,
+        learning_rate=LR,
+        dpo_beta=BETA,
+        lora_rank=LORA["r"],
+        lora_alpha=LORA["lora_alpha"],
+        lora_target_modules=LORA["target_modules"],
+        gate_probe_size=1,
+    )
     learner = build(
         settings,
         Args(
-            algorithm="dpo",
-            batch_size=args.batch_size,
+            settings,
             micro_batch_size=micro,
-            steps_per_version=total,
-            learning_rate=LR,
-            dpo_beta=BETA,
             max_len=MAX_LEN,
-            lora_rank=LORA["r"],
-            lora_alpha=LORA["lora_alpha"],
-            lora_target_modules=LORA["target_modules"],
-            gate_probe_size=1,
             gate_max_tokens=2,
             gate_judge_tokens=2,
         ),
@@ -295,7 +300,7 @@ def serving(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from learner.store import AdapterStore
+    from strop.adapters import AdapterStore
     from strop.model import load_model
     from strop.records import AdapterVersion, Keys
     from strop.registry import Registry
@@ -312,7 +317,7 @@ def serving(args) -> dict:
     }
     env.pop("STROP_API_KEYS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "strop.cli", "serve", "--port", str(port)], env=env, cwd=ROOT
+        [sys.executable, "-m", "ops.cli", "serve", "--port", str(port)], env=env, cwd=ROOT
     )
     url = f"http://127.0.0.1:{port}"
     r = redis.Redis.from_url(os.environ.get("STROP_REDIS_URL", "redis://127.0.0.1:6379/0"))

@@ -3,34 +3,20 @@
 One long-running loop, nanoGPT-style. For each version:
 
     setup   start from the promoted version (or a new LoRA while none is promoted)
-    data    read `batch_size` records (pairs for DPO, groups for GRPO) from Redis
-    loss    DPO against the base model (adapter disabled), or GRPO's clipped ratio against
+    batch   read `batch_size` records (pairs for DPO, groups for GRPO) from Redis
+    step    DPO against the base model (adapter disabled), or GRPO's clipped ratio against
             the behaviour version, with a KL to the base model; in micro-batches if
-            `micro_batch_size` is set (same update, less memory)
+            `micro_batch_size` is set (same update, less memory) (learner/steps.py)
     log     namespaced metrics (`loss/dpo`, `reward/mean`, ...) every step
     save    after `steps_per_version` steps: write `adapter_dir/vN` atomically, register
-            it, and only then acknowledge the records it consumed
+            it, and only then acknowledge the records it consumed (learner/lifecycle.py)
     gate    promote it if it passes the gate (learner/gate.py), else keep it as rejected
             (and start the next version from the promoted one again)
 
-Crash safety. Records stay pending in the consumer group until the version trained on them
-is on disk, and the consumer name is stable, so a learner killed at any moment re-reads
-them after a restart. On start, `reconcile` finishes what a crash interrupted: temporary
-directories are removed, records already consumed by a version on disk are acknowledged,
-a version on disk missing from the registry is registered, and a version not yet decided
-is gated (or its recorded gate decision applied). Version numbers are never reused, even
-the number of a save that crashed (vLLM must never see one name with two weights).
-
-GRPO's behaviour policy. The ratio needs log p_behaviour of the sampled tokens. The
-service does return raw (temperature 1) log-probs, but over the API they arrive per
-token *string*, and re-tokenising the text need not give the same tokens; and a serving
-engine (vLLM, bf16 kernels, a KV cache) computes them with other numerics than this
-forward pass, so even on-policy data would show ratios != 1. So the learner recomputes
-them: it loads the group's version (`vN` from the adapter store, `base` = adapter
-disabled) as a frozen adapter and scores the completions under it. It uses the sampled
-token ids when the worker logged them (`completion_token_ids`), else the text. Groups
-older than `max_staleness` versions, or whose version is no longer on disk, are dropped
-(and counted); so are records whose prompt does not fit `max_len`.
+Crash safety: a learner killed at any moment loses no record and trains on none twice;
+on start, `Lifecycle.reconcile` finishes what the crash interrupted (learner/lifecycle.py).
+Groups older than `max_staleness` versions, or whose version is no longer on disk, are
+dropped (and counted); so are records whose prompt does not fit `max_len`.
 """
 
 import contextlib
@@ -41,33 +27,28 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import redis
 import torch
 from peft import LoraConfig
 
-from learner import rollback
+from learner import rollback, steps
 from learner.args import Args
 from learner.feed import Feed
-from learner.gate import GateResult, probe_prompts, run_gate
-from learner.logprobs import build_batch, prompt_ids, reference_logps, token_logps
-from learner.losses import dpo_loss, group_advantages, grpo_loss
+from learner.lifecycle import Lifecycle
+from learner.logprobs import prompt_ids
 from learner.metrics import PHASES, LearnerMetrics
-from learner.policy import BASE, TRAIN, Policy
-from learner.store import AdapterStore
+from learner.policy import TRAIN, Policy
+from strop.adapters import AdapterStore
 from strop.records import AdapterVersion, Keys, PreferencePair, ScoredGroup
-from strop.registry import Registry, version_number
+from strop.registry import Registry
 from strop.settings import Settings
+from strop.versions import BASE, version_number
 
 log = logging.getLogger("strop.learner")
 
 PAUSE_ENV = "STROP_LEARNER_TEST_PAUSE"  # test only: "step", "save" or "saved" (see _pause)
-
-
-def version_index(version: str) -> int:
-    """`base` is version 0, `vN` is N (staleness counts in version numbers)."""
-    return 0 if version == BASE else version_number(version)
+SHOWN = {"loss", "reward", "rewards", "policy", "grad"}  # metric namespaces in the step line
 
 
 class Learner:
@@ -88,6 +69,18 @@ class Learner:
         self.feed = Feed(r, stream, keys.learner_group, args.consumer, record_type)
         self.pause_at = pause_at
         self.metrics = LearnerMetrics()
+        self.lifecycle = Lifecycle(
+            args,
+            r,
+            keys,
+            store,
+            self.registry,
+            policy,
+            self.feed,
+            self.metrics,
+            report=self._state,
+            pause=self._pause,
+        )
         self.stop = threading.Event()
         self.optimizer: torch.optim.Optimizer | None = None
         self.buffer: list[tuple[str, PreferencePair | ScoredGroup]] = []
@@ -96,14 +89,12 @@ class Learner:
         self._last_check = 0.0
         self._discard = False  # the weights in memory are a rejected (or unfinished) version
 
-    # --- start --------------------------------------------------------------------------
-
     def start(self) -> None:
         """Reconcile disk, registry and stream after whatever happened before, then load
         the promoted version."""
         self.feed.setup()
-        self.reconcile()
-        self._rebase()
+        self.lifecycle.reconcile()
+        self.rebase()
         a = self.args
         log.info(
             "learner ready: %s, %d records per step, %d steps per version (%d records per "
@@ -119,49 +110,6 @@ class Learner:
             a.max_len,
         )
 
-    def reconcile(self) -> None:
-        for path in self.store.clean():
-            log.warning("crash debris removed: %s", path.name)
-        pending = self.feed.pending_ids()
-        for version in self.store.versions():
-            meta = self.store.read(version)
-            # Records a version on disk consumed are done, whether or not the ack happened.
-            for stream, ids in meta.consumed.items():
-                done = [i for i in ids if i in pending] if stream == self.feed.stream else ids
-                if done:
-                    n = self.r.xack(stream, self.keys.learner_group, *done)
-                    if n:
-                        log.warning("acked %d records %s had consumed", n, version)
-            if self.registry.get(version) is None:
-                log.warning("%s is on disk but not in the registry: registering it", version)
-                self.registry.add(meta.model_copy(update={"status": "candidate"}))
-        for v in self.registry.all():
-            if v.status != "candidate":
-                continue
-            if v.version not in self.store.versions():
-                self.registry.reject(v.version, "not on disk (or no strop.json)")
-                continue
-            log.warning("%s was never decided: deciding now", v.version)
-            self.decide(self.store.read(v.version), candidate=v.version)
-
-    def _rebase(self) -> None:
-        """Train on top of the promoted version: reload it if the pointer moved."""
-        pointer = self.registry.promoted() or BASE
-        if pointer != self.policy.parent or self.optimizer is None or self._discard:
-            if pointer != BASE and not self.store.has_adapter(pointer):
-                raise FileNotFoundError(
-                    f"the promoted version {pointer} is not in {self.store.root}: restore it, "
-                    "or point `strop` elsewhere (strop adapters rollback)"
-                )
-            if pointer != self.policy.parent or self._discard:
-                self.policy.reset(pointer, seed=self.args.seed)
-                self._discard = False
-            self.optimizer = torch.optim.AdamW(
-                self.policy.trainable_parameters(), lr=self.args.learning_rate, weight_decay=0.0
-            )
-
-    # --- the loop -------------------------------------------------------------------------
-
     def run(self, max_versions: int | None = None) -> list[str]:
         """Train versions until stopped (or `max_versions` were written)."""
         while not self.stop.is_set():
@@ -172,26 +120,28 @@ class Learner:
         return self.versions_written
 
     def train_version(self) -> AdapterVersion | None:
+        """Train one version on top of the promoted one, save it and gate it (None: stopped
+        before it was saved)."""
         # --- setup ---
         a = self.args
-        self._rebase()
+        self.rebase()
         parent = self.policy.parent
         consumed: list[str] = []
         history: dict[str, list[float]] = defaultdict(list)
         dropped_before = dict(self.dropped)
         t0 = time.perf_counter()
         for step in range(a.steps_per_version):
-            # --- data ---
+            # --- batch ---
             batch = self.next_batch(a.batch_size)
             if batch is None:
                 self._discard = True
                 return None  # stopping: the records read stay pending, re-read next time
             ids, records = [i for i, _ in batch], [rec for _, rec in batch]
-            # --- loss ---
+            # --- step ---
             t_step = time.perf_counter()
             self.policy.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            metrics = self.backward(records)
+            metrics = steps.backward(self.policy, records, a)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.policy.trainable_parameters(), a.max_grad_norm
             )
@@ -216,16 +166,26 @@ class Learner:
         for reason, n in self.dropped.items():
             train_metrics[f"data/dropped_{reason}"] = float(n - dropped_before.get(reason, 0))
         train_metrics["time/train_s"] = time.perf_counter() - t0
-        meta = self.save(parent, {self.feed.stream: consumed}, train_metrics)
+        meta = self.lifecycle.save(parent, {self.feed.stream: consumed}, train_metrics)
+        self.versions_written.append(meta.version)
         # --- gate ---
-        meta = self.decide(meta, candidate=TRAIN)
+        meta = self.lifecycle.decide(meta, candidate=TRAIN)
         if meta.status == "promoted":
             self.policy.parent = meta.version  # the weights in memory are that version
         else:
             self._discard = True  # the next version starts again from the promoted one
         return meta
 
-    # --- data -----------------------------------------------------------------------------
+    def rebase(self) -> None:
+        """Train on top of the promoted version: reload it if the pointer moved (or the
+        weights in memory were discarded), with a fresh optimizer."""
+        if self.lifecycle.rebase(discard=self._discard) or self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(
+                self.policy.trainable_parameters(), lr=self.args.learning_rate, weight_decay=0.0
+            )
+        self._discard = False
+
+    # --- batch ------------------------------------------------------------------------------
 
     def next_batch(self, size: int) -> list[tuple[str, PreferencePair | ScoredGroup]] | None:
         """`size` usable records, waiting for the worker as long as it takes; housekeeping
@@ -261,208 +221,17 @@ class Learner:
         if isinstance(record, ScoredGroup):
             if not record.completions or len(record.rewards) != len(record.completions):
                 return "malformed"
-            staleness = version_index(self.policy.parent) - version_index(record.version)
+            staleness = version_number(self.policy.parent) - version_number(record.version)
             if staleness > self.args.max_staleness:
                 return "stale"
             if record.version != BASE and not self.store.has_adapter(record.version):
                 return "unknown_version"
         return None
 
-    # --- loss -----------------------------------------------------------------------------
-
-    def dpo_step(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, float], float]:
-        """DPO loss of some pairs: (loss, metrics, pairs it is a mean over)."""
-        a, model = self.args, self.policy.model
-        # chosen and rejected in one forward pass: rows [0, B) chosen, [B, 2B) rejected
-        batch = build_batch(
-            self.policy.tokenizer,
-            [p.messages for p in pairs] * 2,
-            [p.chosen for p in pairs] + [p.rejected for p in pairs],
-            a.max_len,
-        )
-        ref = reference_logps(model, batch)  # (2B, T), adapter disabled, no grad
-        logps = token_logps(model, batch)  # (2B, T)
-        if a.dpo_loss == "ipo":  # IPO wants length-normalised log-probs (see dpo_loss)
-            n = batch["completion_mask"].sum(1).clamp(min=1)  # (2B,)
-            seq, ref_seq = logps.sum(1) / n, ref.sum(1) / n  # (2B,)
-        else:
-            seq, ref_seq = logps.sum(1), ref.sum(1)  # (2B,)
-        pc, pr = seq.chunk(2)  # (B,) each
-        rc, rr = ref_seq.chunk(2)  # (B,) each
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=a.dpo_beta, loss_type=a.dpo_loss)
-        return loss, metrics, float(len(pairs))
-
-    def grpo_step(self, groups: list[ScoredGroup]) -> tuple[torch.Tensor, dict[str, float], float]:
-        """GRPO loss of some groups: (loss, metrics, completion tokens it is a mean over)."""
-        a, model = self.args, self.policy.model
-        rows = [(g, i) for g in groups for i in range(len(g.completions))]
-        completions = [
-            g.completion_token_ids[i]
-            if len(g.completion_token_ids) == len(g.completions)
-            else g.completions[i]
-            for g, i in rows
-        ]
-        eos = self.policy.tokenizer.eos_token_id
-        batch = build_batch(
-            self.policy.tokenizer,
-            [g.messages for g, _ in rows],
-            completions,
-            a.max_len,
-            # logged ids that end with eos already have it
-            append_eos=[not (isinstance(c, list) and c and c[-1] == eos) for c in completions],
-        )
-        mask = batch["completion_mask"]  # (B*G, T)
-        ref = reference_logps(model, batch)  # (B*G, T), adapter disabled, no grad
-        # behaviour log-probs, recomputed under the version that sampled each group
-        behaviour = torch.zeros_like(ref)  # (B*G, T)
-        by_version: dict[str, list[int]] = defaultdict(list)
-        for row, (g, _) in enumerate(rows):
-            by_version[g.version].append(row)
-        for version, idx in by_version.items():
-            if version == BASE:
-                behaviour[idx] = ref[idx]  # the base model is the reference: no extra pass
-                continue
-            sub = {k: v[idx] for k, v in batch.items()}
-            with torch.no_grad(), self.policy.use(version) as m:
-                behaviour[idx] = token_logps(m, sub)
-        logps = token_logps(model, batch)  # (B*G, T)
-        # advantages per group (groups may differ in size), in row order
-        advantages = torch.cat(
-            [group_advantages(torch.tensor([g.rewards], dtype=torch.float32)) for g in groups]
-        ).to(logps.device)  # (B*G,)
-        loss, metrics = grpo_loss(
-            logps, behaviour, ref, advantages, mask, clip_eps=a.grpo_clip, kl_coef=a.grpo_kl_coef
-        )
-        return loss, metrics, float(mask.sum())
-
-    def backward(self, records: list[PreferencePair] | list[ScoredGroup]) -> dict[str, float]:
-        """Gradients of the batch's loss, built `micro_batch_size` records at a time.
-
-        Each loss is a mean (over pairs, or over completion tokens); a micro-batch's loss
-        times its count, summed, then divided by the batch's count is exactly the batch's
-        mean, so micro-batching changes peak memory, not the update. Returns the metrics
-        averaged the same way (`_max`/`_min` ones: over the batch).
-        """
-        size = self.args.micro_batch_size or len(records)
-        loss_fn = self.dpo_step if self.args.algorithm == "dpo" else self.grpo_step
-        parts, total = [], 0.0
-        for i in range(0, len(records), size):
-            loss, metrics, n = loss_fn(records[i : i + size])
-            (loss * n).backward()
-            parts.append((metrics, n))
-            total += n
-        for p in self.policy.trainable_parameters():
-            if p.grad is not None:
-                p.grad /= total
-        merged = {}
-        for key in parts[0][0]:
-            values = [(m[key], n) for m, n in parts]
-            if key.endswith("_max"):
-                merged[key] = max(v for v, _ in values)
-            elif key.endswith("_min"):
-                merged[key] = min(v for v, _ in values)
-            else:
-                merged[key] = sum(v * n for v, n in values) / total
-        # --- what the batch was made of ---
-        if self.args.algorithm == "dpo":
-            merged["reward/mean"] = sum(p.chosen_reward + p.rejected_reward for p in records) / (
-                2 * len(records)
-            )
-            merged["reward/pair_margin"] = sum(
-                p.chosen_reward - p.rejected_reward for p in records
-            ) / len(records)
-        else:
-            rewards = [x for g in records for x in g.rewards]
-            merged["reward/mean"] = sum(rewards) / len(rewards)
-            merged["data/staleness"] = sum(
-                version_index(self.policy.parent) - version_index(g.version) for g in records
-            ) / len(records)
-        return merged
-
-    # --- save and gate ----------------------------------------------------------------------
-
-    def save(
-        self, parent: str, consumed: dict[str, list[str]], train_metrics: dict[str, float]
-    ) -> AdapterVersion:
-        """Write the candidate (atomically), register it, then acknowledge its records."""
-        version = self.registry.next_version(at_least=self.store.highest() + 1)
-        self._state(phase="saving", version=version)
-        meta = AdapterVersion(
-            version=version,
-            parent=parent,
-            path="",
-            algorithm=self.args.algorithm,
-            hyperparameters=self.args.hyperparameters(),
-            consumed=consumed,
-            train_metrics=train_metrics,
-        )
-
-        def save_files(tmp: Path) -> None:
-            self.policy.save(tmp)
-            self._pause("save")  # test only: killed here, a half-written version exists
-
-        self.store.write(meta, save_files)
-        self._pause("saved")  # test only: on disk, but neither registered nor acknowledged
-        self.registry.add(meta)
-        acked = sum(self.feed.ack(ids) for ids in consumed.values())
-        self.versions_written.append(version)
-        log.info("%s saved (parent %s, %d records acknowledged)", version, parent, acked)
-        return meta
-
-    def decide(self, meta: AdapterVersion, candidate: str) -> AdapterVersion:
-        """Gate `meta` (loaded in the policy as adapter `candidate`) unless a decision is
-        recorded already, record it on disk, then apply it in the registry."""
-        a = self.args
-        if "passed" not in meta.gate:
-            self._state(phase="gating", version=meta.version)
-            pointer = self.registry.promoted() or BASE
-            if pointer != meta.parent:
-                result = GateResult(
-                    False, f"parent {meta.parent} is no longer promoted ({pointer} is)"
-                )
-            else:
-                try:
-                    result = run_gate(
-                        self.policy,
-                        candidate,
-                        meta.parent,
-                        self.store.path(meta.version),
-                        probe_prompts(self.r, self.keys, a.gate_probe_size),
-                        kl_limit=a.gate_kl_limit,
-                        reward_tolerance=a.gate_reward_tolerance,
-                        max_tokens=a.gate_max_tokens,
-                        judge_tokens=a.gate_judge_tokens,
-                        max_len=a.max_len,
-                    )
-                except (redis.ConnectionError, redis.TimeoutError):
-                    raise  # transient: decided after the restart
-                except Exception as e:
-                    # A gate that cannot run must not promote, nor crash-loop the learner
-                    # on the same version after every restart.
-                    log.exception("gate of %s failed", meta.version)
-                    result = GateResult(False, f"gate failed: {e.__class__.__name__}: {e}")
-            meta.gate = result.record()
-            meta.status = "promoted" if result.passed else "rejected"
-            meta.reason = result.reason
-            self.store.update(meta)  # disk first: after a crash the decision is re-applied
-        if meta.status == "promoted" and (self.registry.promoted() or BASE) != meta.parent:
-            meta.status = "rejected"
-            meta.reason = f"parent {meta.parent} was replaced while {meta.version} was gated"
-            self.store.update(meta)
-        self.metrics.versions.labels(meta.status).inc()
-        if "gate/kl" in meta.gate:
-            self.metrics.gate_kl.set(meta.gate["gate/kl"])
-        if meta.status == "promoted":
-            self.registry.promote(meta.version, gate=meta.gate)
-            log.info("%s promoted: %s", meta.version, _brief(meta.gate))
-        else:
-            self.registry.reject(meta.version, meta.reason or "rejected", gate=meta.gate)
-            log.warning("%s rejected: %s (%s)", meta.version, meta.reason, _brief(meta.gate))
-        return meta
-
-    # --- housekeeping -----------------------------------------------------------------------
+    # --- housekeeping, state and metrics for operators -----------------------------------------
 
     def housekeeping(self, waiting: int = 0, since: float | None = None) -> None:
+        """Run the rollback check when due, and report that the learner waits for records."""
         now = time.time()
         if now - self._last_check >= self.args.rollback_check_s:
             self._last_check = now
@@ -496,7 +265,7 @@ class Learner:
         and tests."""
         if fields.get("phase") in PHASES:
             self.metrics.phase.state(fields["phase"])
-        self.metrics.promoted.set(version_index(self.policy.parent))
+        self.metrics.promoted.set(version_number(self.policy.parent))
         fields = {
             k: json.dumps(v) if isinstance(v, dict) else v
             for k, v in fields.items()
@@ -521,19 +290,11 @@ class Learner:
                 time.sleep(1)
 
 
-SHOWN = {"loss", "reward", "rewards", "policy", "grad"}  # metric namespaces in the step line
-
-
-def _brief(gate: dict) -> str:
-    keys = ("gate/kl", "gate/reward_candidate", "gate/reward_parent", "gate/reward_skipped")
-    return ", ".join(f"{k.split('/')[1]} {gate[k]:.4g}" for k in keys if k in gate)
-
-
 def build(settings: Settings, args: Args | None = None, pause_at: str | None = None) -> Learner:
     """A learner on the configured model, Redis and adapter directory (not started)."""
     from strop.model import load_model
 
-    args = args or Args.from_settings(settings)
+    args = args or Args(settings)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(settings.model, settings.model_cache_dir, settings.device)
     store = AdapterStore(settings.adapter_dir)

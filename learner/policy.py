@@ -17,12 +17,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from learner.store import AdapterStore
+from strop.adapters import AdapterStore
+from strop.versions import BASE
 
 log = logging.getLogger("strop.learner.policy")
 
 TRAIN = "default"
-BASE = "base"
 
 
 class Policy:

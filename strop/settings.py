@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     learning_rate: float = 5e-5
     """AdamW learning rate of the LoRA weights."""
     lora_rank: int = 8
-    """LoRA rank r of a new adapter."""
+    """LoRA rank r of a new adapter (a promoted adapter keeps its own)."""
     lora_alpha: int = 16
     """LoRA alpha (scale = alpha / r)."""
     lora_target_modules: Annotated[list[str], NoDecode] = Field(
@@ -145,11 +145,12 @@ class Settings(BaseSettings):
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     """`sigmoid` (DPO) or `ipo`."""
     grpo_clip: float = 0.2
-    """GRPO clip range of the importance ratio (1 +- clip)."""
+    """GRPO clip range of the importance ratio against the behaviour policy (1 +- clip)."""
     grpo_kl_coef: float = 0.04
     """GRPO weight of the KL to the reference."""
     max_staleness: int = 2
-    """GRPO groups sampled more than this many versions ago are dropped."""
+    """GRPO groups sampled more than this many versions before the one trained on are
+    dropped (and counted)."""
     gate_kl_limit: float = 0.5
     """Largest mean per-token KL(candidate || parent) on the probe prompts."""
     gate_reward_tolerance: float = 0.1

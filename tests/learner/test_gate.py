@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from learner.gate import BUILTIN_PROMPTS, probe_prompts, run_gate, verdict
 from learner.policy import Policy
-from learner.store import AdapterStore
+from strop.adapters import AdapterStore
 from strop.model import load_model
 from strop.records import Keys, PromptLogRecord, SamplingRecord
 from tests.conftest import MODEL_CACHE

@@ -18,85 +18,27 @@ import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from learner.args import Args
-from learner.loop import PAUSE_ENV, build
-from learner.store import AdapterStore
+from learner.loop import PAUSE_ENV
+from strop.adapters import AdapterStore
 from strop.records import AdapterVersion, Keys, PreferencePair, ScoredGroup
 from strop.registry import Registry
-from strop.settings import Settings
+from strop.series import Obs, write_series
 from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
+from tests.learner.harness import group, learners, pair
 from tests.service.harness import make_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A gate that runs every check but cannot fail on the tiny model's noise: its logits are
-# nearly flat (KL stays tiny) and its gibberish never parses as a score (reward skipped).
-QUICK = dict(
-    batch_size=2,
-    steps_per_version=1,
-    learning_rate=1e-3,
-    gate_probe_size=2,
-    gate_max_tokens=4,
-    gate_judge_tokens=4,
-    gate_kl_limit=1.0,
-    read_block_ms=100,
-    max_len=256,
-    lora_target_modules=["q_proj", "v_proj"],
-)
-
-
-def _pair(i: int) -> PreferencePair:
-    return PreferencePair(
-        group_id=f"g{i}",
-        messages=[{"role": "user", "content": f"Question number {i}?"}],
-        chosen=f"A careful answer to {i}.",
-        rejected="no",
-        chosen_reward=4.0,
-        rejected_reward=1.0,
-        version="base",
-        method="judge",
-    )
-
-
-def _group(i: int, version: str) -> ScoredGroup:
-    return ScoredGroup(
-        group_id=f"g{i}",
-        log_id="1-0",
-        messages=[{"role": "user", "content": f"What is {i} + {i}?"}],
-        completions=[f"{2 * i}", "7", f"It is {2 * i}.", "dunno"],
-        rewards=[1.0, 0.0, 1.0, 0.0],
-        version=version,
-        method="ttrl",
-    )
-
 
 @pytest.fixture
 def make_learner(tiny_model_dir, redis_prefix, tmp_path):
-    """Build a learner on the tiny model (Args overrides as keyword arguments)."""
-    built = []
-
-    def make(**overrides):
-        settings = Settings(
-            redis_url=REDIS_URL,
-            redis_prefix=redis_prefix,
-            model=str(tiny_model_dir),
-            model_cache_dir=MODEL_CACHE,
-            adapter_dir=tmp_path / "adapters",
-            device="cpu",
-        )
-        args = Args(**(QUICK | overrides))
-        learner = build(settings, args)
-        built.append(learner)
-        return learner
-
-    yield make
-    for learner in built:
-        learner.r.close()
+    """Build a learner on the tiny model (QUICK, overridden by keyword arguments)."""
+    yield from learners(tiny_model_dir, redis_prefix, tmp_path)
 
 
 def test_learner_dpo_version_saved_then_acked_and_promoted(make_learner):
     learner = make_learner(steps_per_version=2)
-    ids = [learner.r.xadd(learner.keys.pairs, _pair(i).to_stream()) for i in range(4)]
+    ids = [learner.r.xadd(learner.keys.pairs, pair(i).to_stream()) for i in range(4)]
     learner.start()
     before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
 
@@ -122,10 +64,10 @@ def test_learner_dpo_version_saved_then_acked_and_promoted(make_learner):
 
 def test_learner_metrics_scraped_over_http_after_a_version(make_learner):
     learner = make_learner(steps_per_version=2)
-    long_pair = _pair(9).model_copy(update={"messages": [{"role": "user", "content": "hi " * 400}]})
+    long_pair = pair(9).model_copy(update={"messages": [{"role": "user", "content": "hi " * 400}]})
     learner.r.xadd(learner.keys.pairs, long_pair.to_stream())  # over max_len: dropped
     for i in range(4):
-        learner.r.xadd(learner.keys.pairs, _pair(i).to_stream())
+        learner.r.xadd(learner.keys.pairs, pair(i).to_stream())
     port = free_port()
     assert learner.metrics.serve(port, "127.0.0.1")
     assert not learner.metrics.serve(port, "127.0.0.1")  # port taken: logged, not fatal
@@ -151,43 +93,10 @@ def test_learner_metrics_scraped_over_http_after_a_version(make_learner):
     assert phase["stopped"] == 1 and sum(phase.values()) == 1
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
-def test_learner_micro_batches_same_gradient_as_whole_batch(make_learner, algorithm):
-    learner = make_learner(algorithm=algorithm, batch_size=3)
-    if algorithm == "dpo":
-        records = [_pair(i).model_copy(update={"chosen": "x " * (i + 1)}) for i in range(3)]
-    else:  # groups of different sizes and lengths: the token weighting must hold
-        records = [_group(1, "base"), _group(22, "base"), _group(3, "base")]
-        records[2] = records[2].model_copy(
-            update={"completions": ["5", "a much longer answer"], "rewards": [1.0, 0.0]}
-        )
-    learner.start()
-    params = learner.policy.trainable_parameters()
-    with torch.no_grad():  # leave LoRA's zero start, so every gradient term shows
-        for p in params:
-            p.add_(0.01 * torch.randn_like(p))
-
-    def grads(micro):
-        learner.args.micro_batch_size = micro
-        for p in params:
-            p.grad = None
-        metrics = learner.backward(records)
-        return [p.grad.clone() for p in params], metrics
-
-    whole, m_whole = grads(None)
-    split, m_split = grads(1)
-
-    for a, b in zip(whole, split, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    loss_key = f"loss/{algorithm}"
-    assert m_split[loss_key] == pytest.approx(m_whole[loss_key], rel=1e-5)
-    assert m_split["reward/mean"] == m_whole["reward/mean"]
-
-
 def test_learner_rejected_version_next_starts_again_from_promoted(make_learner):
     learner = make_learner(gate_kl_limit=-1.0)  # no candidate can pass
     for i in range(4):
-        learner.r.xadd(learner.keys.pairs, _pair(i).to_stream())
+        learner.r.xadd(learner.keys.pairs, pair(i).to_stream())
     learner.start()
 
     assert learner.run(max_versions=2) == ["v1", "v2"]
@@ -210,9 +119,9 @@ def test_learner_grpo_stale_and_unknown_groups_dropped_and_acked(make_learner, t
     learner.registry.add(AdapterVersion(version="v3", parent="base", path="x"))
     learner.registry.promote("v3")
     add = lambda g: learner.r.xadd(learner.keys.groups, g.to_stream())  # noqa: E731
-    stale = add(_group(0, "base"))  # 3 versions behind v3
-    unknown = add(_group(3, "v9"))  # no such adapter on disk
-    fresh = [add(_group(1, "v3")), add(_group(2, "v2"))]  # v2: one version behind
+    stale = add(group(0, "base"))  # 3 versions behind v3
+    unknown = add(group(3, "v9"))  # no such adapter on disk
+    fresh = [add(group(1, "v3")), add(group(2, "v2"))]  # v2: one version behind
     make_adapter(learner.store.path("v2"), tiny_model_dir, seed=2, scale=0.3)
     learner.start()
 
@@ -236,7 +145,7 @@ def test_learner_grpo_on_policy_group_ratio_is_exactly_one(make_learner, tiny_mo
     make_adapter(learner.store.path("v1"), tiny_model_dir, seed=1, scale=0.5)
     learner.registry.add(AdapterVersion(version="v1", parent="base", path="x"))
     learner.registry.promote("v1")
-    learner.r.xadd(learner.keys.groups, _group(5, "v1").to_stream())
+    learner.r.xadd(learner.keys.groups, group(5, "v1").to_stream())
     learner.start()
 
     learner.run(max_versions=1)
@@ -247,72 +156,34 @@ def test_learner_grpo_on_policy_group_ratio_is_exactly_one(make_learner, tiny_mo
     assert m["policy/clip_fraction"] == 0.0
 
 
-def test_learner_reconcile_version_saved_before_crash_acked_registered_decided(make_learner):
-    learner = make_learner()
-    ids = [learner.r.xadd(learner.keys.pairs, _pair(i).to_stream()) for i in range(3)]
-    learner.feed.setup()
-    read = [sid for sid, _ in learner.feed.read(2, 100)]  # delivered, so pending
-    # a crash right after the rename: on disk, unregistered, records unacknowledged
-    meta = AdapterVersion(
-        version="v1", parent="base", path="", algorithm="dpo", consumed={learner.keys.pairs: read}
-    )
-    learner.store.write(meta, learner.policy.save)
-    (learner.store.root / ".tmp-v2-0000").mkdir()  # and a later save cut short
-
-    learner.start()
-
-    assert learner.registry.get("v1").status == "promoted"
-    assert learner.store.read("v1").gate["passed"] is True
-    assert learner.feed.pending_ids() == set()
-    assert learner.store.versions() == ["v1"] and not (learner.store.root / ".tmp-v2-0000").exists()
-    assert learner.policy.parent == "v1"  # training goes on from the promoted version
-    # the third record was never read: it is next
-    assert [sid for sid, _ in learner.feed.read(5, 100)] == [ids[2]]
-
-
-def test_learner_parent_replaced_during_training_candidate_rejected(make_learner, tiny_model_dir):
-    learner = make_learner()
-    learner.start()
-    make_adapter(learner.store.path("v1"), tiny_model_dir, seed=1)
-    learner.registry.add(AdapterVersion(version="v1", parent="base", path="x"))
-    learner.registry.promote("v1")  # an operator promoted v1 while v2 trained from base
-    meta = AdapterVersion(version="v2", parent="base", path="", algorithm="dpo")
-    learner.store.write(meta, learner.policy.save)
-    learner.registry.add(meta)
-
-    decided = learner.decide(meta, candidate="default")
-
-    assert decided.status == "rejected"
-    assert decided.reason == "parent base is no longer promoted (v1 is)"
-    assert learner.registry.get("v2").status == "rejected"
-    assert learner.store.read("v2").reason == decided.reason
-    assert learner.registry.promoted() == "v1"
+def _written(learner, g: ScoredGroup, n: int) -> None:
+    """`n` copies of group `g` written as the worker writes them: to the groups stream, and
+    their rewards to the live-reward series the rollback check reads."""
+    with learner.r.pipeline(transaction=True) as pipe:
+        for _ in range(n):
+            pipe.xadd(learner.keys.groups, g.to_stream())
+        obs = [Obs("reward", g.version, sum(g.rewards), len(g.rewards))] * n
+        write_series(pipe, learner.keys, obs, time.time())
+        pipe.execute()
 
 
 def test_learner_housekeeping_live_reward_drop_rolls_back_and_rebases(make_learner, tiny_model_dir):
     learner = make_learner(algorithm="grpo", rollback_check_s=0.0, rollback_min_samples=8)
     make_adapter(learner.store.path("v1"), tiny_model_dir, seed=1)
     learner.registry.add(AdapterVersion(version="v1", parent="base", path="x"))
-    for _ in range(3):  # base answered well before the promotion ...
-        learner.r.xadd(
-            learner.keys.groups,
-            _group(1, "base").model_copy(update={"rewards": [1.0, 1.0, 1.0, 0.0]}).to_stream(),
-        )
-    time.sleep(0.01)
+    # base answered well before the promotion ...
+    _written(learner, group(1, "base").model_copy(update={"rewards": [1.0, 1.0, 1.0, 0.0]}), 3)
     learner.registry.promote("v1")
     learner.start()
     assert learner.policy.parent == "v1"
-    for _ in range(3):  # ... and v1 answers badly after it
-        learner.r.xadd(
-            learner.keys.groups,
-            _group(2, "v1").model_copy(update={"rewards": [0.0, 0.0, 1.0, 0.0]}).to_stream(),
-        )
+    # ... and v1 answers badly after it
+    _written(learner, group(2, "v1").model_copy(update={"rewards": [0.0, 0.0, 1.0, 0.0]}), 3)
 
     learner.housekeeping()
 
     assert learner.registry.promoted() is None
     assert learner.registry.get("v1").status == "rolled_back"
-    learner._rebase()  # the next version trains on top of what `strop` serves now
+    learner.rebase()  # the next version trains on top of what `strop` serves now
     assert learner.policy.parent == "base"
 
 
@@ -320,7 +191,7 @@ def test_feed_pending_of_another_consumer_claimed_and_reread(redis_client, redis
     from learner.feed import Feed
 
     keys = Keys(redis_prefix)
-    ids = [redis_client.xadd(keys.pairs, _pair(i).to_stream()) for i in range(3)]
+    ids = [redis_client.xadd(keys.pairs, pair(i).to_stream()) for i in range(3)]
     old = Feed(redis_client, keys.pairs, keys.learner_group, "learner-old", PreferencePair)
     old.setup()
     assert [sid for sid, _ in old.read(2, 100)] == ids[:2]  # then it died, unacknowledged
@@ -341,7 +212,7 @@ def _spawn(env: dict, pause: str | None, versions: int | None = None) -> subproc
     env = dict(env)
     if pause:
         env[PAUSE_ENV] = pause
-    argv = [sys.executable, "-m", "strop.cli", "learner"]
+    argv = [sys.executable, "-m", "ops.cli", "learner"]
     if versions:
         argv += ["--versions", str(versions)]
     return subprocess.Popen(argv, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -387,7 +258,7 @@ def test_learner_killed_during_step_and_save_resumes_without_losing_records(
         "STROP_LOG_LEVEL": "INFO",
         "STROP_LEARNER_METRICS_PORT": "0",
     }
-    ids = {redis_client.xadd(keys.pairs, _pair(i).to_stream()) for i in range(8)}
+    ids = {redis_client.xadd(keys.pairs, pair(i).to_stream()) for i in range(8)}
 
     # 1. killed during an optimizer step: nothing on disk, what it read stays pending
     proc = _spawn(env, "step")

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from learner import rollback
-from strop.records import AdapterVersion, Keys, ScoredGroup
+from strop.records import AdapterVersion, Keys
 from strop.registry import Registry
+from strop.series import Obs, write_series
 from tests.conftest import REDIS_URL
 
 WINDOW, MARGIN, MIN = 600.0, 0.15, 8
@@ -24,19 +25,13 @@ def reg(redis_client, redis_prefix):
     return registry, keys
 
 
-def _groups(r, keys, version: str, rewards: list[float], n: int) -> None:
-    for _ in range(n):
-        g = ScoredGroup(
-            group_id="g",
-            log_id="0-1",
-            messages=[{"role": "user", "content": "q"}],
-            completions=["a"] * len(rewards),
-            rewards=rewards,
-            version=version,
-            method="ttrl",
-        )
-        r.xadd(keys.groups, g.to_stream())
-    time.sleep(0.005)  # stream ids are milliseconds: keep before/after apart
+def _groups(r, keys, version: str, rewards: list[float], n: int, at: float | None = None) -> None:
+    """`n` groups written by the worker, as the live reward sees them: their completions'
+    rewards in the time series, at time `at` (default now)."""
+    obs = [Obs("reward", version, sum(rewards), len(rewards))] * n
+    with r.pipeline(transaction=True) as pipe:
+        write_series(pipe, keys, obs, time.time() if at is None else at)
+        pipe.execute()
 
 
 def _check(registry, r, keys, **kw):
@@ -119,7 +114,8 @@ def test_rollback_samples_before_promotion_do_not_count_as_new(reg, redis_client
     registry, keys = reg
     registry.promote("v1")
     _groups(redis_client, keys, "v1", [1.0], 10)
-    _groups(redis_client, keys, "v2", [0.0], 10)  # a caller pinned strop@v2 before promotion
+    # a caller pinned strop@v2 before its promotion (live reward counts in minutes)
+    _groups(redis_client, keys, "v2", [0.0], 10, at=time.time() - 120)
     registry.promote("v2")
     _groups(redis_client, keys, "v2", [1.0], 10)
 
@@ -136,7 +132,7 @@ def _cli(prefix: str, *argv: str, adapter_dir: str = "adapters") -> subprocess.C
         "STROP_ADAPTER_DIR": adapter_dir,
     }
     return subprocess.run(
-        [sys.executable, "-m", "strop.cli", "adapters", *argv],
+        [sys.executable, "-m", "ops.cli", "adapters", *argv],
         env=env,
         capture_output=True,
         text=True,
