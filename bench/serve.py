@@ -71,7 +71,7 @@ def start_server(port: int, prefix: str, adapter_dir: str, threads: int = 0) -> 
     for name in ("STROP_API_KEYS", "STROP_MODEL", "STROP_ENGINE"):  # the defaults, on purpose
         env.pop(name, None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "strop.cli", "serve", "--port", str(port)], env=env, cwd=ROOT
+        [sys.executable, "-m", "ops.cli", "serve", "--port", str(port)], env=env, cwd=ROOT
     )
     deadline = time.time() + 300
     while time.time() < deadline:

@@ -55,14 +55,13 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     """List, show, promote or roll back adapter versions (the registry in Redis)."""
     import json
 
-    import redis
-
-    from learner.store import AdapterStore
+    from strop.adapters import AdapterStore
+    from strop.connection import connect
     from strop.records import AdapterVersion, Keys
     from strop.registry import Registry
 
     settings = get_settings()
-    r = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5)
+    r = connect(settings.redis_url)
     registry, store = Registry(r, Keys(settings.redis_prefix)), AdapterStore(settings.adapter_dir)
     pointer = registry.promoted()
     if args.action == "list":
@@ -141,15 +140,15 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Versions, reward trends, traffic, queues and learner state at a glance (from Redis)."""
-    from strop.status import run
+    from ops.status import run
 
     return run(get_settings(), args.window * 60, args.watch, args.json)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """The whole loop on one machine: Redis (found or started), service, worker, learner."""
+    from ops.up import UpError, run
     from strop.model import ModelNotFound
-    from strop.up import UpError, run
 
     try:
         return run(get_settings())
@@ -160,7 +159,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Drive a running stack with traffic until versions are promoted; print the results."""
-    from strop.demo import run_demo
+    from ops.demo import run_demo
 
     return run_demo(
         get_settings(), versions=args.versions, minutes=args.minutes, held_out=args.held_out

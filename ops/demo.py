@@ -20,11 +20,12 @@ import redis
 
 from judge.extract import extract_answer
 from judge.vote import same_answer
-from strop.labeled import make_labeled_set
+from ops.questions import make_labeled_set
+from strop.connection import connect
 from strop.records import Keys, ScoredGroup
 from strop.registry import Registry
 from strop.settings import Settings
-from strop.status import queues
+from strop.snapshot import queues
 
 OPEN_ENDED = [
     "Write a haiku about the sea.",
@@ -94,7 +95,7 @@ def rewards_by_version(r: redis.Redis, keys: Keys) -> dict[str, list[float]]:
 def run_demo(settings: Settings, versions: int = 2, minutes: float = 30, held_out: int = 40) -> int:
     """Send traffic until `versions` promotions happened (or `minutes` passed); report."""
     keys = Keys(settings.redis_prefix)
-    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    r = connect(settings.redis_url)
     registry = Registry(r, keys)
     client = _client(settings)
     print(f"waiting for the service at {settings.service_url} ...", flush=True)

@@ -88,8 +88,6 @@ SUB_RANGE = (5, 40)  # a - b with 1 <= b < a: answers are positive
 MUL_RANGE = (2, 12)  # times tables
 
 
-
-
 def make_labeled_set(n: int, seed: int, kinds: Sequence[Kind] = KINDS) -> list[LabeledQuestion]:
     """`n` distinct labeled questions, deterministic from `seed`, in shuffled order.
 

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from strop.connection import connect
 from strop.settings import Settings
 
 STOP_GRACE_S = 15.0  # how long a child gets to stop after SIGTERM before SIGKILL
@@ -83,7 +84,7 @@ def say(msg: str) -> None:
 def ensure_redis(url: str) -> Child | None:
     """None if Redis answers at `url`; else a local redis-server child started there."""
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        connect(url, timeout=1, connect_timeout=1).ping()
         say(f"using Redis at {url}")
         return None
     except redis.RedisError:
@@ -120,7 +121,7 @@ def ensure_redis(url: str) -> Child | None:
     child.start()
     for _ in range(100):
         try:
-            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+            connect(url, timeout=1, connect_timeout=1).ping()
             say(f"started redis-server at {url} (data in {data})")
             return child
         except redis.RedisError:
@@ -140,7 +141,7 @@ def plan(settings: Settings) -> list[Child]:
     # oversubscribe a small machine and every step slows several-fold. Split the cores.
     if not settings.torch_threads:
         env["STROP_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
-    strop = [sys.executable, "-m", "strop.cli"]
+    strop = [sys.executable, "-m", "ops.cli"]
     return [
         Child("service", [*strop, "serve"], env),
         Child("worker", [*strop, "worker"], env),

@@ -18,6 +18,7 @@ from service.metrics import ServiceMetrics
 from service.promptlog import PromptLog
 from service.protocol import APIError
 from service.versions import Versions
+from strop.connection import connect_async
 from strop.records import Keys
 from strop.settings import Settings
 
@@ -70,9 +71,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             eng = make_engine(settings)
             await eng.start()
         keys = Keys(settings.redis_prefix)
-        redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=2.0, socket_connect_timeout=1.0
-        )
+        redis = connect_async(settings.redis_url)
         promptlog = PromptLog(
             settings.redis_url,
             keys.prompt_log,

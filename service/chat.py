@@ -38,6 +38,7 @@ from service.protocol import (
 from service.versions import Versions
 from strop.records import PromptLogRecord, SamplingRecord, new_request_id
 from strop.settings import Settings
+from strop.versions import pinned_model
 
 
 class ChatService:
@@ -148,7 +149,7 @@ class ChatService:
                         ) from None
         response = ChatCompletion(
             id=new_request_id(),
-            model=_served_name(version),
+            model=pinned_model(version),
             choices=[
                 ChatChoice(
                     index=c.index,
@@ -186,7 +187,7 @@ class ChatService:
         self, req, messages, params, version, adapter, key, log
     ) -> AsyncIterator[str]:
         start = time.perf_counter()
-        rid, created, model = new_request_id(), int(time.time()), _served_name(version)
+        rid, created, model = new_request_id(), int(time.time()), pinned_model(version)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         texts = [""] * params.n
         finish = ["length"] * params.n
@@ -312,13 +313,6 @@ class ChatService:
                 stream=stream,
             )
         )
-
-
-def _served_name(version: str) -> str:
-    """The `model` field of a response: `base`, `strop@vN`, or an externally loaded name."""
-    if version == "base":
-        return "base"
-    return f"strop@{version}" if version.startswith("v") and version[1:].isdigit() else version
 
 
 def _logprobs_out(lps: list[TokenLogprob] | None) -> ChoiceLogprobs:

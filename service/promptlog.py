@@ -9,9 +9,9 @@ import asyncio
 import logging
 from collections import deque
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from strop.connection import connect_async
 from strop.records import PromptLogRecord
 
 log = logging.getLogger("strop.promptlog")
@@ -28,9 +28,7 @@ class PromptLog:
         self.written = 0
         self.dropped = 0
         self.redis_ok = True
-        self._redis = aioredis.Redis.from_url(
-            redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
-        )
+        self._redis = connect_async(redis_url, timeout=1.0)
         self._inflight: set[int] = set()  # ids of records being written right now
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None

@@ -12,7 +12,6 @@ pub/sub events and a periodic check, so a missed event is caught within `poll_s`
 import asyncio
 import contextlib
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,17 +21,11 @@ from redis.exceptions import RedisError
 
 from service.engines.base import Engine
 from service.protocol import APIError
+from strop.adapters import AdapterStore
 from strop.records import Keys
+from strop.versions import BASE, PINNED_PREFIX, PROMOTED_MODEL, engine_adapter_name, pinned_model
 
 log = logging.getLogger("strop.versions")
-
-VERSION_RE = re.compile(r"^v(\d+)$")
-
-
-def engine_adapter_name(version: str) -> str:
-    """The engine-side adapter name of a version: unique per version, never reused (vLLM
-    would serve stale weights or prefix cache for a name loaded again)."""
-    return f"strop-{version}"
 
 
 class Versions:
@@ -45,9 +38,9 @@ class Versions:
         keep_loaded: int = 3,
         poll_s: float = 5.0,
     ):
-        self.engine, self.adapter_dir, self.redis, self.keys = (
+        self.engine, self.store, self.redis, self.keys = (
             engine,
-            Path(adapter_dir),
+            AdapterStore(adapter_dir),
             redis,
             keys,
         )
@@ -65,19 +58,12 @@ class Versions:
 
     def on_disk(self) -> list[str]:
         """Complete versions in the adapter directory, oldest first."""
-        if not self.adapter_dir.is_dir():
-            return []
-        found = [
-            p.name
-            for p in self.adapter_dir.iterdir()
-            if VERSION_RE.match(p.name) and (p / "adapter_config.json").exists()
-        ]
-        return sorted(found, key=lambda v: int(v[1:]))
+        return self.store.loadable()
 
     def model_names(self) -> list[tuple[str, str]]:
         """(model name, version label) pairs for /v1/models."""
-        names = [("strop", self.promoted or "base"), ("base", "base")]
-        names += [(f"strop@{v}", v) for v in self.on_disk()]
+        names = [(PROMOTED_MODEL, self.promoted or BASE), (BASE, BASE)]
+        names += [(pinned_model(v), v) for v in self.on_disk()]
         names += [(n, n) for n in sorted(self.external)]
         return names
 
@@ -97,19 +83,16 @@ class Versions:
                     del self.in_use[adapter]
 
     async def _resolve(self, model: str) -> tuple[str, str | None]:
-        if model == "base":
-            return "base", None
-        if model == "strop":
+        if model == BASE:
+            return BASE, None
+        if model == PROMOTED_MODEL:
             version = self.promoted
             if version is None:
-                return "base", None
+                return BASE, None
             return version, await self.ensure_loaded(version)
-        if model.startswith("strop@"):
-            version = model.removeprefix("strop@")
-            if (
-                VERSION_RE.match(version)
-                and (self.adapter_dir / version / "adapter_config.json").exists()
-            ):
+        if model.startswith(PINNED_PREFIX):
+            version = model.removeprefix(PINNED_PREFIX)
+            if self.store.has_adapter(version):
                 return version, await self.ensure_loaded(version)
         if model in self.external:
             return model, model
@@ -130,7 +113,7 @@ class Versions:
                 self.loaded.move_to_end(version)
                 return self.loaded[version]
             name = engine_adapter_name(version)
-            path = (self.adapter_dir / version).resolve()
+            path = self.store.path(version).resolve()
             await self.engine.load_adapter(name, str(path))
             self.loaded[version] = name
             log.info("loaded adapter %s from %s", name, path)

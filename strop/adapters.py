@@ -10,24 +10,23 @@ removed by `clean()`.
 
 The registry in Redis is the authority on a version's status once it is registered;
 `strop.json` records what the learner decided (gate result), so a wiped registry can be
-rebuilt from disk.
+rebuilt from disk. The learner writes versions; the service and the CLI only read them.
 """
 
 import contextlib
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from strop.records import AdapterVersion
+from strop.versions import is_version, version_number
 
-log = logging.getLogger("strop.learner.store")
+log = logging.getLogger("strop.adapters")
 
 META = "strop.json"
-VERSION_RE = re.compile(r"^v(\d+)$")
 TMP_PREFIX = ".tmp-"
 
 
@@ -60,16 +59,19 @@ class AdapterStore:
         """Versions the learner wrote (with metadata), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [
-            p.name for p in self.root.iterdir() if VERSION_RE.match(p.name) and (p / META).exists()
-        ]
-        return sorted(found, key=lambda v: int(v[1:]))
+        found = [p.name for p in self.root.iterdir() if is_version(p.name) and (p / META).exists()]
+        return sorted(found, key=version_number)
 
     def has_adapter(self, version: str) -> bool:
         """Whether `version` can be loaded (also one put there by hand, without metadata)."""
-        return (
-            bool(VERSION_RE.match(version))
-            and (self.path(version) / "adapter_config.json").exists()
+        return is_version(version) and (self.path(version) / "adapter_config.json").exists()
+
+    def loadable(self) -> list[str]:
+        """Versions that can be loaded, with or without metadata, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            (p.name for p in self.root.iterdir() if self.has_adapter(p.name)), key=version_number
         )
 
     def highest(self) -> int:
@@ -80,8 +82,8 @@ class AdapterStore:
         numbers = [0]
         for p in self.root.iterdir():
             name = p.name.removeprefix(TMP_PREFIX).split("-")[0]
-            if VERSION_RE.match(name):
-                numbers.append(int(name[1:]))
+            if is_version(name):
+                numbers.append(version_number(name))
         return max(numbers)
 
     def read(self, version: str) -> AdapterVersion:

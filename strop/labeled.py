@@ -24,7 +24,6 @@ class LabeledQuestion:
     kind: Kind
 
 
-
 def write_jsonl(questions: Iterable[LabeledQuestion], path: str | Path) -> Path:
     """Write one `{"prompt", "answer", "kind"}` object per line: the probe-file format
     worker/probe.py reads (it uses `prompt` and `answer` and ignores `kind`)."""

@@ -33,9 +33,6 @@ class Keys:
         self.series = f"{prefix}ts:"  # + metric name: time series (sorted sets)
         self.learner_state = f"{prefix}learner:state"  # hash: what the learner is doing
 
-    def version(self, n: int) -> str:
-        return f"v{n}"
-
 
 def new_request_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"

@@ -8,12 +8,9 @@ Statuses: candidate -> promoted | rejected; promoted -> rolled_back. The pointer
 import redis
 
 from strop.records import AdapterVersion, Keys, RegistryEvent
+from strop.versions import version_name, version_number
 
 EVENTS_MAXLEN = 10_000
-
-
-def version_number(version: str) -> int:
-    return int(version.removeprefix("v"))
 
 
 class Registry:
@@ -48,7 +45,7 @@ class Registry:
         if n < at_least:
             self.r.set(self.keys.next_version, at_least)
             n = at_least
-        return f"v{n}"
+        return version_name(n)
 
     def add(self, version: AdapterVersion) -> None:
         """Record a new candidate (or re-record one, e.g. after a learner restart)."""

@@ -53,7 +53,7 @@ def default_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(default_model_dir) -> Path:
     """A tiny random Llama with the real tokenizer: fast, and its output is gibberish."""
-    from strop.model import build_tiny_model
+    from tests.tiny_model import build_tiny_model
 
     return build_tiny_model(MODEL_CACHE / "tiny-test", MODEL_CACHE)
 

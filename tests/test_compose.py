@@ -23,7 +23,7 @@ import pytest
 import redis
 import yaml
 
-from strop.cli import build_parser
+from ops.cli import build_parser
 from strop.records import Keys
 from strop.settings import Settings
 from tests.conftest import REDIS_URL

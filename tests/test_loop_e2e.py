@@ -81,7 +81,7 @@ def _learner(settings: Settings) -> subprocess.CompletedProcess:
         "STROP_GATE_REWARD_TOLERANCE": "0.5",
     }
     return subprocess.run(
-        [sys.executable, "-m", "strop.cli", "learner", "--versions", "1"],
+        [sys.executable, "-m", "ops.cli", "learner", "--versions", "1"],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from strop.cli import build_parser
+from ops.cli import build_parser
 from strop.settings import Settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

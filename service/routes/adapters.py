@@ -2,9 +2,7 @@
 remote engine; and strop's own rollback of the promoted version."""
 
 import asyncio
-import re
 
-import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
@@ -12,7 +10,9 @@ from pydantic import BaseModel
 from service.auth import Admin
 from service.engines.base import AdapterNotFound
 from service.protocol import APIError, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from strop.connection import connect
 from strop.registry import Registry
+from strop.versions import BASE, is_version
 
 router = APIRouter(prefix="/v1", tags=["adapters"])
 
@@ -56,11 +56,11 @@ async def rollback(request: Request, _: Admin, body: RollbackRequest | None = No
     """Point `strop` back (recorded as a registry event); answers once it is served."""
     service = request.app.state.service
     to = body.version if body else None
-    if to is not None and to != "base" and not re.fullmatch(r"v\d+", to):
+    if to is not None and to != BASE and not is_version(to):
         raise APIError(400, "`version` must be `vN` or `base`.", param="version")
 
     def move() -> tuple[str | None, str | None]:
-        r = redis.Redis.from_url(service.settings.redis_url, socket_timeout=5)
+        r = connect(service.settings.redis_url)
         try:
             return Registry(r, service.keys).rollback(to=to, reason="manual (api)")
         finally:

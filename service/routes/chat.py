@@ -5,11 +5,9 @@ from fastapi.responses import StreamingResponse
 
 from service.auth import CallerKeyId
 from service.protocol import ChatCompletion, ChatCompletionRequest
+from strop.headers import INTERNAL, NO_LOG
 
 router = APIRouter(prefix="/v1", tags=["chat"])
-
-NO_LOG = "x-strop-no-log"
-INTERNAL = "x-strop-internal"  # the worker's sampling and judging: never logged
 
 
 def _truthy(value: str | None) -> bool:

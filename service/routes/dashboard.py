@@ -15,7 +15,8 @@ from fastapi.responses import FileResponse
 
 from service.auth import CallerKeyId
 from service.protocol import APIError
-from strop.status import MAX_WINDOW_S, MIN_WINDOW_S, gather
+from strop.connection import connect
+from strop.snapshot import MAX_WINDOW_S, MIN_WINDOW_S, gather
 
 router = APIRouter(tags=["dashboard"])
 
@@ -42,14 +43,12 @@ async def dashboard_data(
     _: CallerKeyId,
     window: Annotated[int, Query(ge=MIN_WINDOW_S, le=MAX_WINDOW_S)] = 3600,
 ) -> dict[str, Any]:
-    """Versions, reward trends, traffic, queues and learner state (see strop/status.py),
+    """Versions, reward trends, traffic, queues and learner state (see strop/snapshot.py),
     plus this service process's own request counts."""
     service = request.app.state.service
 
     def read() -> dict[str, Any]:
-        r = redis.Redis.from_url(
-            service.settings.redis_url, decode_responses=True, socket_timeout=5
-        )
+        r = connect(service.settings.redis_url)
         try:
             return gather(r, service.settings, window_s=window)
         finally:

@@ -13,7 +13,7 @@ from tests.conftest import MODEL_CACHE, free_port
 
 def strop(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "strop.cli", *args],
+        [sys.executable, "-m", "ops.cli", *args],
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

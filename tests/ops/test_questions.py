@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from judge import extract_answer, majority_vote, same_answer
-from strop.labeled import (
-    SHORT_CUE,
-    SHORT_QUESTIONS,
-    LabeledQuestion,
-    make_labeled_set,
-    read_jsonl,
-    write_jsonl,
-)
+from ops.questions import SHORT_CUE, SHORT_QUESTIONS, make_labeled_set
+from strop.labeled import LabeledQuestion, read_jsonl, write_jsonl
 from worker.probe import load_probes, probe_key, probe_obs
 
 ARITHMETIC_RE = re.compile(r"^What is (\d+) ([+\-×]) (\d+)\?$")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OPS = {"+": operator.add, "-": operator.sub, "×": operator.mul}
 
 
@@ -33,7 +27,7 @@ def test_make_labeled_set_same_seed_same_questions():
 
 def test_make_labeled_set_other_hash_seed_same_questions():
     """Nothing depends on Python's per-process string hashing."""
-    code = "from strop.labeled import make_labeled_set as m; print(repr(m(30, seed=3)))"
+    code = "from ops.questions import make_labeled_set as m; print(repr(m(30, seed=3)))"
     runs = [
         subprocess.run(
             [sys.executable, "-c", code],

@@ -1,4 +1,4 @@
-"""`strop status` and the data gathering it shares with the dashboard (strop/status.py),
+"""`strop status` and the data gathering it shares with the dashboard (strop/snapshot.py),
 on a real Redis with a fresh key prefix."""
 
 import json
@@ -9,12 +9,13 @@ import time
 
 import pytest
 
+from ops.status import BLOCKS, bucket, sparkline
 from strop.records import AdapterVersion, Keys, PromptLogRecord, SamplingRecord
 from strop.registry import Registry
+from strop.series import Obs, write_series
 from strop.settings import Settings
-from strop.status import BLOCKS, bucket, gather, sparkline
+from strop.snapshot import gather
 from tests.conftest import REDIS_URL
-from worker.monitor import Obs, write_series
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def test_gather_many_versions_reads_only_the_newest(redis_client, redis_prefix):
 def test_strop_status_seeded_redis_prints_versions_table_and_sparklines(seeded):
     env = {**os.environ, "STROP_REDIS_URL": REDIS_URL, "STROP_REDIS_PREFIX": seeded.prefix}
     out = subprocess.run(
-        [sys.executable, "-m", "strop.cli", "status", "--window", "30"],
+        [sys.executable, "-m", "ops.cli", "status", "--window", "30"],
         env=env,
         capture_output=True,
         text=True,
@@ -154,7 +155,7 @@ def test_strop_status_seeded_redis_prints_versions_table_and_sparklines(seeded):
 def test_strop_status_json_prints_the_gathered_data(seeded):
     env = {**os.environ, "STROP_REDIS_URL": REDIS_URL, "STROP_REDIS_PREFIX": seeded.prefix}
     out = subprocess.run(
-        [sys.executable, "-m", "strop.cli", "status", "--json"],
+        [sys.executable, "-m", "ops.cli", "status", "--json"],
         env=env,
         capture_output=True,
         text=True,

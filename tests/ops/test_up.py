@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from strop import up
+from ops import up
 from strop.records import Keys
 from tests.conftest import MODEL_CACHE, free_port
 
@@ -66,7 +66,7 @@ class Up:
             "STROP_MAX_CONTEXT": "512",
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "strop.cli", "up"],
+            [sys.executable, "-m", "ops.cli", "up"],
             env=env,
             cwd=tmp_path,  # `strop up` keeps its redis data in ./data/redis
             stdout=subprocess.PIPE,

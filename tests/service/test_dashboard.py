@@ -13,9 +13,9 @@ import pytest
 
 from strop.records import AdapterVersion, Keys
 from strop.registry import Registry
+from strop.series import Obs, write_series
 from tests.service.conftest import ADMIN_KEY, API_KEY
 from tests.service.harness import ServerThread, make_adapter
-from worker.monitor import Obs, write_series
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 VERSIONS = ("v31", "v32")  # numbers no other test's shared engine uses

@@ -9,8 +9,8 @@ same registry calls the learner makes.
 import threading
 import time
 
-from strop.demo import HELD_OUT_SEED, run_demo
-from strop.labeled import make_labeled_set
+from ops.demo import HELD_OUT_SEED, run_demo
+from ops.questions import make_labeled_set
 from strop.records import AdapterVersion, Keys, PromptLogRecord
 from strop.registry import Registry
 from tests.service.harness import ServerThread

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from learner.store import META, AdapterStore
+from strop.adapters import META, AdapterStore
 from strop.records import AdapterVersion
 
 
