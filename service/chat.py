@@ -128,11 +128,13 @@ class ChatService:
 
     # --- non-streaming ----------------------------------------------------------------
 
-    async def complete(self, req: ChatCompletionRequest, key: str, log: bool) -> ChatCompletion:
+    async def complete(
+        self, req: ChatCompletionRequest, key: str, log: bool, internal: bool = False
+    ) -> ChatCompletion:
         messages, params, _ = self.prepare(req)
         start = time.perf_counter()
         for attempt in (1, 2):
-            async with self.versions.lease(req.model) as (version, adapter):
+            async with self.versions.lease(req.model, internal) as (version, adapter):
                 try:
                     gen = await self._run(self.engine.generate(messages, params, adapter))
                     break
@@ -170,16 +172,18 @@ class ChatService:
 
     # --- streaming --------------------------------------------------------------------
 
-    async def stream(self, req: ChatCompletionRequest, key: str, log: bool) -> AsyncIterator[str]:
+    async def stream(
+        self, req: ChatCompletionRequest, key: str, log: bool, internal: bool = False
+    ) -> AsyncIterator[str]:
         """Checks and name resolution run before the first byte (so errors get a status);
         then the SSE lines."""
         messages, params, _ = self.prepare(req)
-        async with self.versions.lease(req.model):
+        async with self.versions.lease(req.model, internal):
             pass
-        return self._sse(req, messages, params, key, log)
+        return self._sse(req, messages, params, key, log, internal)
 
-    async def _sse(self, req, messages, params, key, log) -> AsyncIterator[str]:
-        async with self.versions.lease(req.model) as (version, adapter):
+    async def _sse(self, req, messages, params, key, log, internal) -> AsyncIterator[str]:
+        async with self.versions.lease(req.model, internal) as (version, adapter):
             async for line in self._sse_lines(req, messages, params, version, adapter, key, log):
                 yield line
 

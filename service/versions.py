@@ -5,12 +5,19 @@ Model names: `strop` (the promoted version, or the base model while none is prom
 `base` (no adapter), and any name loaded through the admin adapter endpoints (so one
 strop service can be another's remote engine, as vLLM would be).
 
+A version the learner wrote is *released* once the registry has promoted it (it stays
+released after a rollback). Before that (a candidate being gated, or a rejected one) it is
+served only to internal requests that pin it (the learner's gate), never listed in
+/v1/models and never reached by users. A version put in the adapter directory by hand
+(no `strop.json`) has no registry entry and is served to anyone who pins it.
+
 The promoted pointer lives in Redis; the service follows it through the registry's
 pub/sub events and a periodic check, so a missed event is caught within `poll_s`.
 """
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -26,6 +33,8 @@ from strop.records import Keys
 from strop.versions import BASE, PINNED_PREFIX, PROMOTED_MODEL, engine_adapter_name, pinned_model
 
 log = logging.getLogger("strop.versions")
+
+RELEASED = ("promoted", "rolled_back")  # registry statuses users may pin
 
 
 class Versions:
@@ -49,6 +58,7 @@ class Versions:
         self.loaded: OrderedDict[str, str] = OrderedDict()  # version -> adapter name, oldest first
         self.external: set[str] = set()  # adapters loaded through the admin endpoint
         self.in_use: dict[str, int] = {}  # adapter name -> requests holding it
+        self.released: set[str] = set()  # learner versions the registry promoted (ever)
         self.swaps = 0
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
@@ -63,15 +73,22 @@ class Versions:
     def model_names(self) -> list[tuple[str, str]]:
         """(model name, version label) pairs for /v1/models."""
         names = [(PROMOTED_MODEL, self.promoted or BASE), (BASE, BASE)]
-        names += [(pinned_model(v), v) for v in self.on_disk()]
+        names += [(pinned_model(v), v) for v in self.on_disk() if self._public(v)]
         names += [(n, n) for n in sorted(self.external)]
         return names
 
+    def _public(self, version: str) -> bool:
+        """Whether users may reach `version` (see the module docstring)."""
+        return version in self.released or version not in self.store.versions()
+
     @contextlib.asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[tuple[str, str | None]]:
+    async def lease(
+        self, model: str, internal: bool = False
+    ) -> AsyncIterator[tuple[str, str | None]]:
         """Resolve `model` to (version label, engine adapter name) and hold that adapter
-        loaded until the request is done."""
-        label, adapter = await self._resolve(model)
+        loaded until the request is done. Only `internal` requests reach an unreleased
+        version."""
+        label, adapter = await self._resolve(model, internal)
         if adapter:
             self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
         try:
@@ -82,7 +99,7 @@ class Versions:
                 if not self.in_use[adapter]:
                     del self.in_use[adapter]
 
-    async def _resolve(self, model: str) -> tuple[str, str | None]:
+    async def _resolve(self, model: str, internal: bool = False) -> tuple[str, str | None]:
         if model == BASE:
             return BASE, None
         if model == PROMOTED_MODEL:
@@ -92,7 +109,9 @@ class Versions:
             return version, await self.ensure_loaded(version)
         if model.startswith(PINNED_PREFIX):
             version = model.removeprefix(PINNED_PREFIX)
-            if self.store.has_adapter(version):
+            if self.store.has_adapter(version) and (
+                internal or self._public(version) or await self._released_now(version)
+            ):
                 return version, await self.ensure_loaded(version)
         if model in self.external:
             return model, model
@@ -153,8 +172,29 @@ class Versions:
 
     # --- following the registry -------------------------------------------------------
 
+    async def _released_now(self, version: str) -> bool:
+        """Ask the registry about one version (promoted a moment ago, before the event)."""
+        try:
+            raw = await self.redis.hget(self.keys.versions, version)
+        except RedisError:
+            return False  # no evidence it was promoted: keep it from users
+        if raw and json.loads(raw).get("status") in RELEASED:
+            self.released.add(version)
+            return True
+        return False
+
+    async def _read_released(self) -> None:
+        entries = await self.redis.hgetall(self.keys.versions)
+        self.released = {
+            k.decode() if isinstance(k, bytes) else k
+            for k, raw in entries.items()
+            if json.loads(raw).get("status") in RELEASED
+        }
+
     async def refresh(self) -> bool:
-        """Follow the promoted pointer in Redis; True if `strop` moved."""
+        """Follow the registry: which versions are released, and where the promoted pointer
+        is; True if `strop` moved."""
+        await self._read_released()
         raw = await self.redis.get(self.keys.promoted)
         target = raw.decode() if isinstance(raw, bytes) else raw
         if target == self.promoted:

@@ -19,14 +19,11 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, key: CallerKeyId
 ) -> ChatCompletion | StreamingResponse:
     service = request.app.state.service
-    log = (
-        body.wants_log()
-        and not _truthy(request.headers.get(NO_LOG))
-        and not _truthy(request.headers.get(INTERNAL))
-    )
+    internal = _truthy(request.headers.get(INTERNAL))
+    log = body.wants_log() and not _truthy(request.headers.get(NO_LOG)) and not internal
     if body.stream:
-        lines = await service.chat.stream(body, key, log)
+        lines = await service.chat.stream(body, key, log, internal)
         return StreamingResponse(
             lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    return await service.chat.complete(body, key, log)
+    return await service.chat.complete(body, key, log, internal)
