@@ -11,21 +11,27 @@ user prompts,
    most `reward_tolerance` below the parent's. When no judgment of one side parses there
    is no evidence either way, and the check is skipped (recorded as `gate/reward_skipped`).
 
-Generations are greedy and short, so the gate is deterministic and cheap on a CPU.
+Every generation (both sides' greedy answers, the parent's judgments) is an internal
+request to the service, which serves the candidate to it pinned before any user can reach
+it (learner/serving.py); the learner computes only what needs its own weights: the KL.
+Generations are greedy and short, so the gate is deterministic and cheap.
 """
 
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
 import redis
 import torch
 from safetensors import safe_open
 
 from learner.logprobs import build_batch, prompt_ids
 from learner.policy import Policy
+from learner.serving import Answer, ask
 from strop.records import Keys, PromptLogRecord
 
 log = logging.getLogger("strop.learner.gate")
@@ -79,42 +85,6 @@ def weights_finite(path: Path) -> bool:
 
 
 @torch.no_grad()
-def greedy(
-    policy: Policy, adapter: str, messages_list: list[list[dict]], max_tokens: int
-) -> list[list[int]]:
-    """Greedy completions (token ids, eos kept when produced) under `adapter`."""
-    tok = policy.tokenizer
-    prompts = [prompt_ids(tok, m) for m in messages_list]
-    width = max(len(p) for p in prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    # Left padding, so every row's next token comes right after its prompt.
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # (B, T)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with policy.use(adapter) as model:
-        model.eval()
-        out = model.generate(
-            input_ids=input_ids.to(policy.device),
-            attention_mask=attention_mask.to(policy.device),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
-        )
-    completions = []
-    for row in out[:, width:].tolist():
-        ids = []
-        for t in row:
-            ids.append(t)
-            if t == tok.eos_token_id:
-                break
-        completions.append(ids)
-    return completions
-
-
-@torch.no_grad()
 def mean_kl(
     policy: Policy,
     candidate: str,
@@ -150,24 +120,33 @@ def mean_kl(
 
 
 def judge_scores(
-    policy: Policy,
+    client: openai.OpenAI,
     judge: str,
     prompts: Sequence[str],
     answers: Sequence[str],
     max_tokens: int,
 ) -> list[float | None]:
-    """One judgment per answer by `judge` with the rubric; None where it does not parse."""
+    """One greedy judgment per answer by version `judge` with the rubric, through the
+    service; None where it does not parse."""
     from judge.llm_score import judge_messages, parse_score
 
     messages = [judge_messages(p, a) for p, a in zip(prompts, answers, strict=True)]
-    outs = greedy(policy, judge, messages, max_tokens)
-    judgments = [policy.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+    judgments = [a[0].text for a in ask(client, judge, messages, max_tokens)]
     return [parse_score(j, a) for j, a in zip(judgments, answers, strict=True)]
+
+
+def answer_ids(tokenizer, answer: Answer) -> list[int]:
+    """The token ids of a served answer, ending in eos where the model ended it (the KL
+    then also covers the choice to stop)."""
+    ids = tokenizer.encode(answer.text, add_special_tokens=False)
+    return ids + [tokenizer.eos_token_id] if answer.finished or not ids else ids
 
 
 def run_gate(
     policy: Policy,
+    client: openai.OpenAI,
     candidate: str,
+    candidate_version: str,
     parent: str,
     candidate_path: Path,
     prompts: Sequence[str],
@@ -177,7 +156,9 @@ def run_gate(
     judge_tokens: int = 64,
     max_len: int = 1024,
 ) -> GateResult:
-    """Check `candidate` (an adapter name in `policy`) against `parent` (`base` or vN)."""
+    """Check `candidate_version` (registered, on disk at `candidate_path`, and loaded in
+    `policy` as adapter `candidate`) against `parent` (`base` or vN). Answers and judgments
+    come from the service (`client`); raises ServiceUnavailable when it cannot answer."""
     from judge.llm_score import mean_score
 
     start = time.perf_counter()
@@ -197,19 +178,29 @@ def run_gate(
     messages = [[{"role": "user", "content": p}] for p in prompts]
     m["gate/probe_prompts"] = float(len(prompts))
 
-    # --- 2. KL to the parent, on the parent's own greedy answers ---
-    parent_ids = greedy(policy, parent, messages, max_tokens)
-    kl = mean_kl(policy, candidate, parent, messages, parent_ids, max_len)
-    m["gate/kl"] = kl
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # --- 2. both sides' greedy answers, asked at once (the engine batches them) ---
+        asked = {
+            v: pool.submit(ask, client, v, messages, max_tokens)
+            for v in (parent, candidate_version)
+        }
+        parent_answers = [a[0] for a in asked[parent].result()]
+        candidate_answers = [a[0].text for a in asked[candidate_version].result()]
 
-    # --- 3. self-reward: the parent judges both sides' answers ---
-    candidate_ids = greedy(policy, candidate, messages, max_tokens)
-    decode = policy.tokenizer.decode
-    parent_answers = [decode(x, skip_special_tokens=True) for x in parent_ids]
-    candidate_answers = [decode(x, skip_special_tokens=True) for x in candidate_ids]
-    both = judge_scores(
-        policy, parent, list(prompts) * 2, candidate_answers + parent_answers, judge_tokens
-    )
+        # --- 3. self-reward: the parent judges both sides' answers (served) ...
+        judged = pool.submit(
+            judge_scores,
+            client,
+            parent,
+            list(prompts) * 2,
+            candidate_answers + [a.text for a in parent_answers],
+            judge_tokens,
+        )
+        # --- ... while the learner computes the KL to the parent on the parent's answers
+        parent_ids = [answer_ids(policy.tokenizer, a) for a in parent_answers]
+        kl = mean_kl(policy, candidate, parent, messages, parent_ids, max_len)
+        m["gate/kl"] = kl
+        both = judged.result()
     cand_scores, parent_scores = both[: len(prompts)], both[len(prompts) :]
     cand_mean, parent_mean = mean_score(cand_scores), mean_score(parent_scores)
     m["gate/judged_candidate"] = float(sum(s is not None for s in cand_scores))

@@ -11,9 +11,11 @@ the number of a save that crashed (vLLM must never see one name with two weights
 """
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import openai
 import redis
 
 from learner.args import Args
@@ -21,6 +23,7 @@ from learner.feed import Feed
 from learner.gate import GateResult, probe_prompts, run_gate
 from learner.metrics import LearnerMetrics
 from learner.policy import Policy
+from learner.serving import ServiceUnavailable
 from strop.adapters import AdapterStore
 from strop.records import AdapterVersion, Keys
 from strop.registry import Registry
@@ -43,11 +46,15 @@ class Lifecycle:
         policy: Policy,
         feed: Feed,
         metrics: LearnerMetrics,
+        service: openai.OpenAI,
+        stop: threading.Event,
         report: Callable[..., None] = lambda **fields: None,
         pause: Callable[[str], None] = lambda point: None,
     ):
         self.args, self.r, self.keys, self.store, self.registry = args, r, keys, store, registry
         self.policy, self.feed, self.metrics = policy, feed, metrics
+        self.service = service  # the gate's generations go through it (learner/serving.py)
+        self.stop = stop
         self.report = report  # what the learner is doing (the loop's `_state`)
         self.pause = pause  # test only: where a test may SIGKILL the process
 
@@ -121,8 +128,9 @@ class Lifecycle:
 
     def decide(self, meta: AdapterVersion, candidate: str) -> AdapterVersion:
         """Gate `meta` (loaded in the policy as adapter `candidate`) unless a decision is
-        recorded already, record it on disk, then apply it in the registry."""
-        a = self.args
+        recorded already, record it on disk, then apply it in the registry. Returns `meta`
+        still a candidate if the learner was stopped while the gate waited for the service
+        (it is decided after the restart)."""
         if "passed" not in meta.gate:
             self.report(phase="gating", version=meta.version)
             pointer = self.registry.promoted() or BASE
@@ -132,18 +140,9 @@ class Lifecycle:
                 )
             else:
                 try:
-                    result = run_gate(
-                        self.policy,
-                        candidate,
-                        meta.parent,
-                        self.store.path(meta.version),
-                        probe_prompts(self.r, self.keys, a.gate_probe_size),
-                        kl_limit=a.gate_kl_limit,
-                        reward_tolerance=a.gate_reward_tolerance,
-                        max_tokens=a.gate_max_tokens,
-                        judge_tokens=a.gate_judge_tokens,
-                        max_len=a.max_len,
-                    )
+                    result = self._gate(meta, candidate)
+                    if result is None:
+                        return meta  # stopped while the service was away: undecided
                 except (redis.ConnectionError, redis.TimeoutError):
                     raise  # transient: decided after the restart
                 except Exception as e:
@@ -169,6 +168,33 @@ class Lifecycle:
             self.registry.reject(meta.version, meta.reason or "rejected", gate=meta.gate)
             log.warning("%s rejected: %s (%s)", meta.version, meta.reason, _brief(meta.gate))
         return meta
+
+    def _gate(self, meta: AdapterVersion, candidate: str) -> GateResult | None:
+        """Run the gate, waiting out a service that does not answer (a missing answer is no
+        evidence: never promote or reject on it); None if stopped meanwhile."""
+        a, wait = self.args, 1.0
+        while True:
+            try:
+                return run_gate(
+                    self.policy,
+                    self.service,
+                    candidate,
+                    meta.version,
+                    meta.parent,
+                    self.store.path(meta.version),
+                    probe_prompts(self.r, self.keys, a.gate_probe_size),
+                    kl_limit=a.gate_kl_limit,
+                    reward_tolerance=a.gate_reward_tolerance,
+                    max_tokens=a.gate_max_tokens,
+                    judge_tokens=a.gate_judge_tokens,
+                    max_len=a.max_len,
+                )
+            except ServiceUnavailable as e:
+                log.warning("gate of %s waits for the service: %s", meta.version, e)
+                self.report(phase="gating", version=meta.version, waiting_for="service")
+                if self.stop.wait(wait):
+                    return None
+                wait = min(2 * wait, 30.0)
 
 
 def _brief(gate: dict) -> str:

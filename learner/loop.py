@@ -28,6 +28,7 @@ import threading
 import time
 from collections import defaultdict
 
+import openai
 import redis
 import torch
 from peft import LoraConfig
@@ -39,6 +40,7 @@ from learner.lifecycle import Lifecycle
 from learner.logprobs import prompt_ids
 from learner.metrics import PHASES, LearnerMetrics
 from learner.policy import TRAIN, Policy
+from learner.serving import connect_service
 from strop.adapters import AdapterStore
 from strop.records import AdapterVersion, Keys, PreferencePair, ScoredGroup
 from strop.registry import Registry
@@ -59,6 +61,7 @@ class Learner:
         keys: Keys,
         store: AdapterStore,
         policy: Policy,
+        service: openai.OpenAI,
         pause_at: str | None = None,
     ):
         self.args, self.r, self.keys, self.store, self.policy = args, r, keys, store, policy
@@ -69,6 +72,7 @@ class Learner:
         self.feed = Feed(r, stream, keys.learner_group, args.consumer, record_type)
         self.pause_at = pause_at
         self.metrics = LearnerMetrics()
+        self.stop = threading.Event()
         self.lifecycle = Lifecycle(
             args,
             r,
@@ -78,10 +82,11 @@ class Learner:
             policy,
             self.feed,
             self.metrics,
+            service,
+            self.stop,
             report=self._state,
             pause=self._pause,
         )
-        self.stop = threading.Event()
         self.optimizer: torch.optim.Optimizer | None = None
         self.buffer: list[tuple[str, PreferencePair | ScoredGroup]] = []
         self.dropped: dict[str, int] = defaultdict(int)  # reason -> records dropped
@@ -170,7 +175,9 @@ class Learner:
         self.versions_written.append(meta.version)
         # --- gate ---
         meta = self.lifecycle.decide(meta, candidate=TRAIN)
-        if meta.status == "promoted":
+        if meta.status == "candidate":  # stopped while the gate waited: decided on restart
+            self._discard = True
+        elif meta.status == "promoted":
             self.policy.parent = meta.version  # the weights in memory are that version
         else:
             self._discard = True  # the next version starts again from the promoted one
@@ -309,7 +316,8 @@ def build(settings: Settings, args: Args | None = None, pause_at: str | None = N
     r = redis.Redis.from_url(
         settings.redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
     )
-    return Learner(args, r, Keys(settings.redis_prefix), store, policy, pause_at=pause_at)
+    service = connect_service(settings.service_url, settings.service_api_key)
+    return Learner(args, r, Keys(settings.redis_prefix), store, policy, service, pause_at=pause_at)
 
 
 def main(settings: Settings, max_versions: int | None = None) -> int:

@@ -80,9 +80,10 @@ class Settings(BaseSettings):
 
     # --- worker: ingest and build -------------------------------------------------------
     service_url: str = "http://127.0.0.1:8000"
-    """The chat service the worker samples and judges through (internal requests)."""
+    """The chat service the worker samples and judges through, and the learner's gate asks
+    (internal requests)."""
     service_api_key: str | None = None
-    """Bearer key the worker sends to the service (one of STROP_API_KEYS, if set)."""
+    """Bearer key the worker and the learner send to the service (one of STROP_API_KEYS, if set)."""
     reward_method: Literal["ttrl", "judge", "auto"] = "auto"
     """`ttrl` majority vote, `judge` LLM-as-judge, `auto` TTRL where answers are extractable."""
     n_votes: int = 16

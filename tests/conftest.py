@@ -58,6 +58,19 @@ def tiny_model_dir(default_model_dir) -> Path:
     return build_tiny_model(MODEL_CACHE / "tiny-test", MODEL_CACHE)
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    """One embedded engine on the tiny model, shared by the servers of many tests."""
+    from service.engines.embedded import EmbeddedEngine
+    from tests.service.harness import start_engine
+
+    return start_engine(
+        EmbeddedEngine(
+            str(tiny_model_dir), MODEL_CACHE, device="cpu", max_batch_size=16, max_context=512
+        )
+    )
+
+
 class RedisServer:
     """A private redis-server on its own port, which a test may stop and start again."""
 

@@ -79,6 +79,9 @@ def _learner(settings: Settings) -> subprocess.CompletedProcess:
         "STROP_GATE_PROBE_SIZE": "2",
         "STROP_GATE_KL_LIMIT": "1.0",
         "STROP_GATE_REWARD_TOLERANCE": "0.5",
+        # the gate's answers and judgments come from the service (internal, pinned)
+        "STROP_SERVICE_URL": settings.service_url,
+        "STROP_SERVICE_API_KEY": settings.service_api_key or "",
     }
     return subprocess.run(
         [sys.executable, "-m", "ops.cli", "learner", "--versions", "1"],
@@ -125,7 +128,7 @@ def test_loop_prompts_to_groups_to_promoted_version_served(
             assert all(g.version == "base" and g.method == "ttrl" for _, g in groups)
 
             # --- groups -> a trained, gated, promoted version
-            learner = _learner(loop_settings)
+            learner = _learner(worker_settings)
             assert learner.returncode == 0, learner.stderr[-3000:]
             assert registry.promoted() == "v1", learner.stderr[-3000:]
             meta = registry.get("v1")

@@ -1,9 +1,11 @@
-"""The tiny model wrapped in a fresh LoRA adapter, and its tokenizer."""
+"""The tiny model wrapped in a fresh LoRA adapter, its tokenizer, and learners on it."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.learner.harness import learners
 
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -25,3 +27,10 @@ def lora_model(tiny_model_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     return get_peft_model(model, LoraConfig(**LORA))
+
+
+@pytest.fixture
+def make_learner(tiny_model_dir, tiny_engine, redis_prefix, tmp_path):
+    """Build a learner on the tiny model (QUICK, overridden by keyword arguments), with a
+    real service on the same Redis prefix and adapter directory for its gate to ask."""
+    yield from learners(tiny_model_dir, redis_prefix, tmp_path, tiny_engine)

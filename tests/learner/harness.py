@@ -8,6 +8,7 @@ from learner.loop import Learner, build
 from strop.records import PreferencePair, ScoredGroup
 from strop.settings import Settings
 from tests.conftest import MODEL_CACHE, REDIS_URL
+from tests.service.harness import ServerThread
 
 # A gate that runs every check but cannot fail on the tiny model's noise: its logits are
 # nearly flat (KL stays tiny) and its gibberish never parses as a score (reward skipped).
@@ -53,20 +54,40 @@ def group(i: int, version: str) -> ScoredGroup:
 
 
 def learners(
-    model_dir: Path, redis_prefix: str, tmp_path: Path
+    model_dir: Path, redis_prefix: str, tmp_path: Path, engine=None
 ) -> Iterator[Callable[..., Learner]]:
     """Yield `make(**overrides)`, which builds a learner on the tiny model with QUICK and
-    `overrides` (each to Settings or Args, wherever it is declared); then close them."""
+    `overrides` (each to Settings or Args, wherever it is declared); then close them.
+    With an `engine`, a real service on the same prefix and adapter directory serves the
+    learner's gate (started with the first learner, stopped after the last)."""
     built: list[Learner] = []
+    servers: list[ServerThread] = []
+    adapters = tmp_path / "adapters"
+
+    def service_url() -> str:
+        if not servers:
+            server_settings = Settings(
+                redis_url=REDIS_URL,
+                redis_prefix=redis_prefix,
+                model=str(model_dir),
+                model_cache_dir=MODEL_CACHE,
+                adapter_dir=adapters,
+                max_context=512,
+                adapter_poll_s=0.2,
+            )
+            servers.append(ServerThread(server_settings, engine).__enter__())
+        return servers[0].url
 
     def make(**overrides) -> Learner:
         kw = QUICK | overrides
+        if engine is not None and "service_url" not in kw:
+            kw["service_url"] = service_url()
         settings = Settings(
             redis_url=REDIS_URL,
             redis_prefix=redis_prefix,
             model=str(model_dir),
             model_cache_dir=MODEL_CACHE,
-            adapter_dir=tmp_path / "adapters",
+            adapter_dir=adapters,
             device="cpu",
             **{k: v for k, v in kw.items() if k in Settings.model_fields},
         )
@@ -78,3 +99,5 @@ def learners(
     yield make
     for learner in built:
         learner.r.close()
+    for server in servers:
+        server.__exit__(None, None, None)

@@ -1,4 +1,7 @@
-"""The promotion gate on the tiny model: finite weights, KL to the parent, self-reward."""
+"""The promotion gate on the tiny model: finite weights, KL to the parent, self-reward.
+
+The answers and judgments come from a real service (internal requests, the candidate
+pinned while only registered); the KL is computed here, on the learner's own weights."""
 
 import math
 
@@ -9,11 +12,14 @@ from safetensors.torch import load_file, save_file
 
 from learner.gate import BUILTIN_PROMPTS, probe_prompts, run_gate, verdict
 from learner.policy import Policy
+from learner.serving import connect_service
 from strop.adapters import AdapterStore
 from strop.model import load_model
-from strop.records import Keys, PromptLogRecord, SamplingRecord
-from tests.conftest import MODEL_CACHE
-from tests.service.harness import make_adapter
+from strop.records import AdapterVersion, Keys, PromptLogRecord, SamplingRecord
+from strop.registry import Registry
+from strop.settings import Settings
+from tests.conftest import MODEL_CACHE, REDIS_URL
+from tests.service.harness import ServerThread, make_adapter
 
 PROMPTS = ["What is 2 + 2?", "Name a colour."]
 GATE = dict(kl_limit=0.05, reward_tolerance=0.5, max_tokens=6, judge_tokens=8, max_len=512)
@@ -26,13 +32,41 @@ def policy(tiny_model_dir, tmp_path):
     return Policy(model, tokenizer, AdapterStore(tmp_path / "adapters"), lora)
 
 
-def test_gate_candidate_equal_to_parent_passes_with_zero_kl(policy, tiny_model_dir):
+@pytest.fixture
+def service(tiny_model_dir, tiny_engine, redis_prefix, tmp_path):
+    """A real service on the policy's adapter directory; yields the gate's client to it."""
+    settings = Settings(
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        model=str(tiny_model_dir),
+        model_cache_dir=MODEL_CACHE,
+        adapter_dir=tmp_path / "adapters",
+        max_context=512,
+    )
+    with ServerThread(settings, tiny_engine) as server:
+        client = connect_service(server.url, None, timeout_s=60)
+        yield client
+        client.close()
+
+
+def _register_candidate(policy, redis_client, redis_prefix, version: str, parent: str):
+    """Save the trainable adapter as `version` and register it, not promoted (as the
+    learner does before its gate)."""
+    meta = AdapterVersion(version=version, parent=parent, path="")
+    policy.store.write(meta, policy.save)
+    Registry(redis_client, Keys(redis_prefix)).add(meta)
+    return policy.store.path(version)
+
+
+def test_gate_candidate_equal_to_parent_passes_with_zero_kl(
+    policy, service, tiny_model_dir, redis_client, redis_prefix
+):
     # v1 on disk; the trainable adapter starts from it, so candidate == parent
     make_adapter(policy.store.path("v1"), tiny_model_dir, seed=1, scale=0.5)
     policy.reset("v1")
-    policy.save(policy.store.root / "cand")
+    path = _register_candidate(policy, redis_client, redis_prefix, "v2", parent="v1")
 
-    result = run_gate(policy, "default", "v1", policy.store.root / "cand", PROMPTS, **GATE)
+    result = run_gate(policy, service, "default", "v2", "v1", path, PROMPTS, **GATE)
 
     assert result.passed, result.reason
     assert result.metrics["gate/kl"] == pytest.approx(0.0, abs=1e-6)
@@ -40,13 +74,20 @@ def test_gate_candidate_equal_to_parent_passes_with_zero_kl(policy, tiny_model_d
     assert result.metrics["gate/probe_prompts"] == 2.0
 
 
-def test_gate_candidate_far_from_parent_rejected_on_kl(policy, tiny_model_dir):
+def test_gate_candidate_far_from_parent_rejected_on_kl(policy, service, tiny_model_dir):
     # The tiny random model's logits are nearly flat, so even a large adapter moves its
     # distributions little: the limit here is scaled down to match.
     make_adapter(policy.store.path("v2"), tiny_model_dir, seed=2, scale=30.0)
 
     result = run_gate(
-        policy, "v2", "base", policy.store.path("v2"), PROMPTS, **(GATE | {"kl_limit": 1e-3})
+        policy,
+        service,
+        "v2",
+        "v2",
+        "base",
+        policy.store.path("v2"),
+        PROMPTS,
+        **(GATE | {"kl_limit": 1e-3}),
     )
 
     assert not result.passed
@@ -62,7 +103,8 @@ def test_gate_nan_weights_rejected_before_running(policy, tiny_model_dir):
     weights[first][0, 0] = math.nan
     save_file(weights, path / "adapter_model.safetensors")
 
-    result = run_gate(policy, "v3", "base", path, PROMPTS, **GATE)
+    # no service at all: a candidate with broken weights never reaches one
+    result = run_gate(policy, None, "v3", "v3", "base", path, PROMPTS, **GATE)
 
     assert not result.passed and result.reason.startswith("weights are not finite")
     assert result.metrics == {"gate/finite": 0.0}

@@ -1,17 +1,15 @@
 """Versions around training (learner/lifecycle.py): reconciled after a crash, rebased onto
 the promoted version, gated against the parent they trained from."""
 
+import threading
+import time
+
 import pytest
 
 from strop.records import AdapterVersion
-from tests.learner.harness import learners, pair
+from tests.conftest import free_port
+from tests.learner.harness import pair
 from tests.service.harness import make_adapter
-
-
-@pytest.fixture
-def make_learner(tiny_model_dir, redis_prefix, tmp_path):
-    """Build a learner on the tiny model (QUICK, overridden by keyword arguments)."""
-    yield from learners(tiny_model_dir, redis_prefix, tmp_path)
 
 
 def test_reconcile_version_saved_before_crash_acked_registered_decided(make_learner):
@@ -72,3 +70,34 @@ def test_rebase_promoted_version_missing_on_disk_raises(make_learner):
     with pytest.raises(FileNotFoundError, match="v1 is not in"):
         learner.lifecycle.rebase(discard=False)
     assert learner.policy.parent == "base"
+
+
+def test_decide_service_unreachable_waits_undecided_then_decided_after_restart(make_learner):
+    # Nothing listens on this port: every gate answer fails to connect.
+    learner = make_learner(service_url=f"http://127.0.0.1:{free_port()}")
+    learner.start()
+    meta = AdapterVersion(version="v1", parent="base", path="", algorithm="dpo")
+    learner.store.write(meta, learner.policy.save)
+    learner.registry.add(meta)
+    decided: list[AdapterVersion] = []
+    gate = threading.Thread(
+        target=lambda: decided.append(learner.lifecycle.decide(meta, "default"))
+    )
+    gate.start()
+
+    deadline = time.time() + 30
+    while learner.r.hget(learner.keys.learner_state, "waiting_for") != "service":
+        assert time.time() < deadline, "the gate never said it waits for the service"
+        time.sleep(0.05)
+    time.sleep(1.5)  # at least one retry: still no verdict on missing evidence
+    assert learner.registry.get("v1").status == "candidate"
+    assert "passed" not in learner.store.read("v1").gate
+    learner.stop.set()
+    gate.join(10)
+    assert decided[0].status == "candidate"  # stopped undecided
+
+    # restarted with the service back: the version is gated and decided
+    restarted = make_learner()
+    restarted.start()
+    assert restarted.registry.get("v1").status == "promoted"
+    assert restarted.store.read("v1").gate["gate/probe_prompts"] > 0

@@ -23,17 +23,12 @@ from strop.adapters import AdapterStore
 from strop.records import AdapterVersion, Keys, PreferencePair, ScoredGroup
 from strop.registry import Registry
 from strop.series import Obs, write_series
+from strop.settings import Settings
 from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
-from tests.learner.harness import group, learners, pair
-from tests.service.harness import make_adapter
+from tests.learner.harness import group, pair
+from tests.service.harness import ServerThread, make_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def make_learner(tiny_model_dir, redis_prefix, tmp_path):
-    """Build a learner on the tiny model (QUICK, overridden by keyword arguments)."""
-    yield from learners(tiny_model_dir, redis_prefix, tmp_path)
 
 
 def test_learner_dpo_version_saved_then_acked_and_promoted(make_learner):
@@ -236,13 +231,30 @@ def _kill(r, keys, proc) -> None:
     r.delete(keys.learner_state)
 
 
+@pytest.fixture
+def gate_service(tiny_model_dir, tiny_engine, redis_prefix, tmp_path):
+    """The service a learner process gates through, on the test's prefix and adapters."""
+    settings = Settings(
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        model=str(tiny_model_dir),
+        model_cache_dir=MODEL_CACHE,
+        adapter_dir=tmp_path / "adapters",
+        max_context=512,
+        adapter_poll_s=0.2,
+    )
+    with ServerThread(settings, tiny_engine) as server:
+        yield server
+
+
 def test_learner_killed_during_step_and_save_resumes_without_losing_records(
-    tiny_model_dir, redis_prefix, redis_client, tmp_path
+    tiny_model_dir, redis_prefix, redis_client, tmp_path, gate_service
 ):
     keys, adapters = Keys(redis_prefix), tmp_path / "adapters"
     store, registry = AdapterStore(adapters), Registry(redis_client, keys)
     env = {
         **os.environ,
+        "STROP_SERVICE_URL": gate_service.url,
         "STROP_REDIS_URL": REDIS_URL,
         "STROP_REDIS_PREFIX": redis_prefix,
         "STROP_MODEL": str(tiny_model_dir),

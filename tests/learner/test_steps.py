@@ -8,13 +8,7 @@ import pytest
 import torch
 
 from learner import steps
-from tests.learner.harness import group, learners, pair
-
-
-@pytest.fixture
-def make_learner(tiny_model_dir, redis_prefix, tmp_path):
-    """Build a learner on the tiny model (QUICK, overridden by keyword arguments)."""
-    yield from learners(tiny_model_dir, redis_prefix, tmp_path)
+from tests.learner.harness import group, pair
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo"])

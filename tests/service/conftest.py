@@ -1,23 +1,11 @@
 import pytest
 
-from service.engines.embedded import EmbeddedEngine
 from strop.settings import Settings
 from tests.conftest import MODEL_CACHE, REDIS_URL
-from tests.service.harness import make_adapter, start_engine
+from tests.service.harness import make_adapter
 
 API_KEY = "sk-test-user-key"
 ADMIN_KEY = "sk-test-admin-key"
-
-
-@pytest.fixture(scope="session")
-def tiny_engine(tiny_model_dir):
-    """One embedded engine on the tiny model, shared by the servers of many tests."""
-    engine = start_engine(
-        EmbeddedEngine(
-            str(tiny_model_dir), MODEL_CACHE, device="cpu", max_batch_size=16, max_context=512
-        )
-    )
-    yield engine
 
 
 @pytest.fixture(scope="session")
