@@ -1,6 +1,7 @@
 """The scheduler thread: owns the model, batches sequences, runs commands between steps."""
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
@@ -87,6 +88,10 @@ class Scheduler:
         self.max_batch_size, self.max_context, self.stats = max_batch_size, max_context, stats
         self.device = next(model.parameters()).device
         self.eos = _eos_ids(model, tokenizer)
+        # transformers 5.2x renamed the cache argument (`past_key_values` warns, and goes
+        # away in 5.40); older releases know only the old name
+        forward = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in forward else "past_key_values"
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.pending: deque[Sequence] = deque()  # admitted in order, as the batch has room
@@ -291,8 +296,8 @@ class Scheduler:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_kw: cache},
             **kwargs,
         )
         return out.logits[:, -1, :].float()
