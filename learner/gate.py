@@ -5,7 +5,9 @@ user prompts,
 2. it stays close to its parent: the mean per-token KL(candidate || parent), over full
    next-token distributions at the positions of the parent's greedy answer, is at most
    `kl_limit`;
-3. its self-reward has not dropped: the parent, as judge (the same judge for both sides,
+3. with a canary set (`STROP_CANARY_FILE`, labeled), its greedy accuracy there is at most
+   `canary_tolerance` below the parent's;
+4. its self-reward has not dropped: the parent, as judge (the same judge for both sides,
    and not the candidate grading itself), scores the candidate's and the parent's greedy
    answers with the judge rubric (judge/llm_score.py, K=1); the candidate's mean may be at
    most `reward_tolerance` below the parent's. When no judgment of one side parses there
@@ -32,6 +34,7 @@ from safetensors import safe_open
 from learner.logprobs import build_batch, prompt_ids
 from learner.policy import Policy
 from learner.serving import Answer, ask
+from strop.labeled import LabeledQuestion
 from strop.records import Keys, PromptLogRecord
 
 log = logging.getLogger("strop.learner.gate")
@@ -119,6 +122,21 @@ def mean_kl(
     return total / max(tokens, 1)
 
 
+def canary_accuracy(
+    client: openai.OpenAI, version: str, canary: Sequence[LabeledQuestion], max_tokens: int
+) -> float:
+    """Share of the canary questions `version` answers right (greedy, through the service;
+    the answer is extracted and compared as the worker's vote does)."""
+    from judge import extract_answer, same_answer
+
+    messages = [[{"role": "user", "content": q.prompt}] for q in canary]
+    answers = [extract_answer(a[0].text) for a in ask(client, version, messages, max_tokens)]
+    right = [
+        a is not None and same_answer(a, q.answer) for a, q in zip(answers, canary, strict=True)
+    ]
+    return sum(right) / len(canary)
+
+
 def judge_scores(
     client: openai.OpenAI,
     judge: str,
@@ -155,6 +173,9 @@ def run_gate(
     max_tokens: int = 32,
     judge_tokens: int = 64,
     max_len: int = 1024,
+    canary: Sequence[LabeledQuestion] = (),
+    canary_tolerance: float = 0.05,
+    canary_tokens: int = 64,
 ) -> GateResult:
     """Check `candidate_version` (registered, on disk at `candidate_path`, and loaded in
     `policy` as adapter `candidate`) against `parent` (`base` or vN). Answers and judgments
@@ -201,6 +222,18 @@ def run_gate(
         kl = mean_kl(policy, candidate, parent, messages, parent_ids, max_len)
         m["gate/kl"] = kl
         both = judged.result()
+
+    # --- 4. the labeled canary, if there is one: both sides, greedy ---
+    if canary:
+        accuracy = {
+            v: canary_accuracy(client, v, canary, canary_tokens)
+            for v in (parent, candidate_version)
+        }
+        m["gate/canary_parent"], m["gate/canary_candidate"] = (
+            accuracy[parent],
+            accuracy[candidate_version],
+        )
+
     cand_scores, parent_scores = both[: len(prompts)], both[len(prompts) :]
     cand_mean, parent_mean = mean_score(cand_scores), mean_score(parent_scores)
     m["gate/judged_candidate"] = float(sum(s is not None for s in cand_scores))
@@ -215,6 +248,10 @@ def run_gate(
 
     # --- verdict ---
     reason = verdict(kl, cand_mean, parent_mean, kl_limit, reward_tolerance, parent)
+    if reason is None and canary:
+        reason = canary_verdict(
+            m["gate/canary_parent"], m["gate/canary_candidate"], canary_tolerance
+        )
     return GateResult(reason is None, reason, m)
 
 
@@ -236,5 +273,18 @@ def verdict(
         return (
             f"self-reward dropped {drop:.3f} ({parent_reward:.3f} -> {candidate_reward:.3f}) "
             f"> tolerance {reward_tolerance}"
+        )
+    return None
+
+
+def canary_verdict(
+    parent_accuracy: float, candidate_accuracy: float, tolerance: float
+) -> str | None:
+    """Why the candidate fails the canary, or None if it passes."""
+    drop = parent_accuracy - candidate_accuracy
+    if drop > tolerance:
+        return (
+            f"canary accuracy dropped {drop:.3f} ({parent_accuracy:.3f} -> "
+            f"{candidate_accuracy:.3f}) > tolerance {tolerance}"
         )
     return None

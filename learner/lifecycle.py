@@ -25,6 +25,7 @@ from learner.metrics import LearnerMetrics
 from learner.policy import Policy
 from learner.serving import ServiceUnavailable
 from strop.adapters import AdapterStore
+from strop.labeled import read_jsonl
 from strop.records import AdapterVersion, Keys
 from strop.registry import Registry
 from strop.versions import BASE
@@ -55,6 +56,8 @@ class Lifecycle:
         self.policy, self.feed, self.metrics = policy, feed, metrics
         self.service = service  # the gate's generations go through it (learner/serving.py)
         self.stop = stop
+        # labeled, never logged: read once, a malformed file stops the learner at start
+        self.canary = read_jsonl(args.canary_file) if args.canary_file else []
         self.report = report  # what the learner is doing (the loop's `_state`)
         self.pause = pause  # test only: where a test may SIGKILL the process
 
@@ -188,6 +191,8 @@ class Lifecycle:
                     max_tokens=a.gate_max_tokens,
                     judge_tokens=a.gate_judge_tokens,
                     max_len=a.max_len,
+                    canary=self.canary,
+                    canary_tolerance=a.canary_tolerance,
                 )
             except ServiceUnavailable as e:
                 log.warning("gate of %s waits for the service: %s", meta.version, e)

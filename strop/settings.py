@@ -84,8 +84,10 @@ class Settings(BaseSettings):
     (internal requests)."""
     service_api_key: str | None = None
     """Bearer key the worker and the learner send to the service (one of STROP_API_KEYS, if set)."""
-    reward_method: Literal["ttrl", "judge", "auto"] = "auto"
-    """`ttrl` majority vote, `judge` LLM-as-judge, `auto` TTRL where answers are extractable."""
+    reward_method: Literal["ttrl", "judge", "auto", "gold"] = "auto"
+    """`ttrl` majority vote, `judge` LLM-as-judge, `auto` TTRL where answers are extractable;
+    `gold`: reward against the known answers of STROP_GOLD_FILE (the ceiling a label-free
+    reward is measured against, bench/learning.py)."""
     n_votes: int = 16
     """N: answers sampled per prompt for the vote."""
     n_train: int = 8
@@ -121,6 +123,9 @@ class Settings(BaseSettings):
     """Port of the worker's Prometheus metrics (0 = off)."""
     probe_file: Path | None = None
     """Optional JSONL of {prompt, answer}: label/reward accuracy for monitoring only."""
+    gold_file: Path | None = None
+    """JSONL of {prompt, answer} the `gold` reward method scores against (prompts not in it
+    are dropped as unscored)."""
     stream_maxlen: int = 50_000
     """Cap of the groups and pairs streams."""
 
@@ -158,6 +163,12 @@ class Settings(BaseSettings):
     """Largest allowed drop in self-reward on the probe prompts."""
     gate_probe_size: int = 8
     """Recent prompts the gate probes a candidate with."""
+    canary_file: Path | None = None
+    """Optional JSONL of {prompt, answer}: a labeled canary set, asked only as internal
+    requests (never logged, never trained on). The gate refuses a version whose canary
+    accuracy (greedy) drops more than STROP_CANARY_TOLERANCE below its parent's."""
+    canary_tolerance: float = 0.05
+    """Largest allowed drop in canary accuracy, candidate vs parent (a fraction)."""
     rollback_window_s: float = 600.0
     """After a promotion, how long live rewards are watched for a drop."""
     rollback_margin: float = 0.15

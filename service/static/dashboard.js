@@ -202,11 +202,13 @@ function renderVersions(d) {
       h("td", { class: "num" }, fmtSig(g["gate/kl"])),
       h("td", { class: "num" }, "gate/reward_candidate" in g
         ? `${fmt(g["gate/reward_parent"], 2)} → ${fmt(g["gate/reward_candidate"], 2)}` : "–"),
+      h("td", { class: "num canary" }, "gate/canary_candidate" in g
+        ? `${fmt(g["gate/canary_parent"], 2)} → ${fmt(g["gate/canary_candidate"], 2)}` : "–"),
       h("td", { class: "num" }, live ? `${fmt(live.mean)} (${live.count})` : "–"),
       h("td", { class: "reason" }, v.reason || "")));
     if (state.expanded.has(v.version)) {
       const metrics = { ...tm, ...g };
-      rows.push(h("tr", { class: "details" }, h("td", { colspan: 11 },
+      rows.push(h("tr", { class: "details" }, h("td", { colspan: 12 },
         h("div", { class: "metrics" }, Object.keys(metrics).sort().map((k) =>
           h("span", {}, h("b", {}, k), " ", typeof metrics[k] === "number" ? fmt(metrics[k], 4) : String(metrics[k])))))));
     }
@@ -216,11 +218,11 @@ function renderVersions(d) {
     rows.push(h("tr", { class: d.promoted ? "base" : "base serving", "data-version": "base" },
       h("td", {}, h("span", { class: "swatch", style: `background:${versionColor("base")}` }), "base"),
       h("td", {}, h("span", { class: "badge" }, "no adapter")),
-      ...Array(7).fill(null).map(() => h("td", {}, "")),
+      ...Array(8).fill(null).map(() => h("td", {}, "")),
       h("td", { class: "num" }, `${fmt(base.mean)} (${base.count})`),
       h("td", {}, "")));
   }
-  if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 11, class: "muted" }, "No adapter versions yet: strop serves the base model.")));
+  if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 12, class: "muted" }, "No adapter versions yet: strop serves the base model.")));
   $("versions").tBodies[0].replaceChildren(...rows);
 }
 

@@ -14,11 +14,12 @@ from learner.gate import BUILTIN_PROMPTS, probe_prompts, run_gate, verdict
 from learner.policy import Policy
 from learner.serving import connect_service
 from strop.adapters import AdapterStore
+from strop.labeled import LabeledQuestion
 from strop.model import load_model
 from strop.records import AdapterVersion, Keys, PromptLogRecord, SamplingRecord
 from strop.registry import Registry
-from strop.settings import Settings
-from tests.conftest import MODEL_CACHE, REDIS_URL
+from tests.conftest import MODEL_CACHE
+from tests.learner.harness import service_settings
 from tests.service.harness import ServerThread, make_adapter
 
 PROMPTS = ["What is 2 + 2?", "Name a colour."]
@@ -35,14 +36,7 @@ def policy(tiny_model_dir, tmp_path):
 @pytest.fixture
 def service(tiny_model_dir, tiny_engine, redis_prefix, tmp_path):
     """A real service on the policy's adapter directory; yields the gate's client to it."""
-    settings = Settings(
-        redis_url=REDIS_URL,
-        redis_prefix=redis_prefix,
-        model=str(tiny_model_dir),
-        model_cache_dir=MODEL_CACHE,
-        adapter_dir=tmp_path / "adapters",
-        max_context=512,
-    )
+    settings = service_settings(tiny_model_dir, redis_prefix, tmp_path / "adapters")
     with ServerThread(settings, tiny_engine) as server:
         client = connect_service(server.url, None, timeout_s=60)
         yield client
@@ -154,3 +148,72 @@ def test_gate_kl_is_finite_for_greedy_eos_answers(policy):
     eos = policy.tokenizer.eos_token_id
     kl = mean_kl(policy, "default", "base", msgs, [[eos], [eos]], max_len=512)
     assert kl == pytest.approx(0.0, abs=1e-6) and not torch.isnan(torch.tensor(kl))
+
+
+# --- the canary, on the real default model ---------------------------------------------------
+
+CANARY = [
+    LabeledQuestion(f"What is {a} + {b}?", str(a + b), "arithmetic")
+    for a, b in ((2, 3), (4, 4), (5, 1), (3, 6), (7, 2), (1, 8), (6, 3), (2, 2), (9, 1), (4, 5))
+]
+CANARY_GATE = dict(kl_limit=1e9, reward_tolerance=10.0, max_tokens=4, judge_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def smol_engine(default_model_dir):
+    from service.engines.embedded import EmbeddedEngine
+    from tests.service.harness import start_engine
+
+    return start_engine(EmbeddedEngine(str(default_model_dir), MODEL_CACHE, device="cpu"))
+
+
+@pytest.mark.slow
+def test_gate_damaged_adapter_fails_canary_undamaged_passes(
+    default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
+):
+    model, tokenizer = load_model(str(default_model_dir), MODEL_CACHE, "cpu")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    policy = Policy(model, tokenizer, AdapterStore(tmp_path / "adapters"), lora)
+    registry = Registry(redis_client, Keys(redis_prefix))
+    settings = service_settings(default_model_dir, redis_prefix, tmp_path / "adapters")
+    # v1: large random LoRA weights, the model's answers turn to noise
+    damaged = AdapterVersion(version="v1", parent="base", path="")
+    policy.store.write(damaged, lambda tmp: make_adapter(tmp, default_model_dir, seed=1, scale=8.0))
+    registry.add(damaged)
+    # v2: a fresh LoRA (B = 0), the base model's answers exactly
+    path2 = _register_candidate(policy, redis_client, redis_prefix, "v2", parent="base")
+
+    with ServerThread(settings.model_copy(update={"max_context": None}), smol_engine) as server:
+        client = connect_service(server.url, None, timeout_s=300)
+        bad = run_gate(
+            policy,
+            client,
+            "v1",
+            "v1",
+            "base",
+            policy.store.path("v1"),
+            PROMPTS,
+            canary=CANARY,
+            canary_tolerance=0.05,
+            canary_tokens=24,
+            **CANARY_GATE,
+        )
+        good = run_gate(
+            policy,
+            client,
+            "default",
+            "v2",
+            "base",
+            path2,
+            PROMPTS,
+            canary=CANARY,
+            canary_tolerance=0.05,
+            canary_tokens=24,
+            **CANARY_GATE,
+        )
+
+    assert bad.metrics["gate/canary_parent"] > 0.05, "base must get some canary answers right"
+    assert bad.metrics["gate/canary_candidate"] < bad.metrics["gate/canary_parent"]
+    assert not bad.passed and bad.reason.startswith("canary accuracy dropped")
+    assert good.passed, good.reason
+    assert good.metrics["gate/canary_candidate"] == good.metrics["gate/canary_parent"]

@@ -79,6 +79,8 @@ def seed_redis(r, settings) -> Registry:
                     "gate/kl": 0.02 * (n - 30),
                     "gate/reward_parent": 3.0,
                     "gate/reward_candidate": 3.4 if n < 33 else 2.1,
+                    "gate/canary_parent": 0.5,
+                    "gate/canary_candidate": 0.6 if n < 33 else 0.25,
                 },
             )
         )
@@ -167,6 +169,7 @@ def test_dashboard_live_data_renders_charts_and_rollback_moves_pointer(
         assert row("v33").get_attribute("data-status") == "rejected"
         assert "reward drop" in row("v33").text
         assert "3.00 → 3.40" in row("v32").text  # gate reward, parent -> candidate
+        assert "0.50 → 0.25" in row("v33").text  # canary accuracy, parent -> candidate
         assert "(96)" in row("base").text  # 12 minutes of 8 rewards sampled by the base model
 
         # reward chart: one line per behaviour version, with points from the series
