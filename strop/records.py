@@ -90,7 +90,7 @@ class ScoredGroup(Record):
     token_logprobs: list[list[float]] = Field(default_factory=list)
     rewards: list[float]
     version: str  # the behaviour policy: `base` or `vN`
-    method: Literal["ttrl", "judge"]
+    method: Literal["ttrl", "judge", "gold"]
     majority_label: str | None = None
     majority_ratio: float | None = None
     judge_scores: list[float | None] | None = None
@@ -107,7 +107,7 @@ class PreferencePair(Record):
     chosen_reward: float
     rejected_reward: float
     version: str
-    method: Literal["ttrl", "judge"]
+    method: Literal["ttrl", "judge", "gold"]
     time: float = Field(default_factory=time.time)
 
 

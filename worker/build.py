@@ -34,11 +34,13 @@ from pydantic import ValidationError
 from judge import (
     VoteResult,
     choose_method,
+    extract_answer,
     extract_answers,
     extraction_rate,
     judge_messages,
     judge_rewards,
     majority_vote,
+    same_answer,
     select_pair,
 )
 from strop.records import PreferencePair, PromptLogRecord, ScoredGroup
@@ -46,7 +48,7 @@ from strop.series import Obs, write_series
 from strop.settings import Settings
 from strop.versions import version_of_model
 from worker.context import WorkerContext
-from worker.probe import probe_obs
+from worker.probe import probe_key, probe_obs
 from worker.prompts import last_user_text
 
 log = logging.getLogger("strop.worker.build")
@@ -68,7 +70,7 @@ TRANSIENT_ERRORS = (
     redis.TimeoutError,
 )
 
-Method = Literal["ttrl", "judge"]
+Method = Literal["ttrl", "judge", "gold"]
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,35 @@ def score(
     )
     if method == "ttrl":
         return score_ttrl(samples, answers, s.n_train, s.min_majority_ratio)
+    if method == "gold":
+        return score_gold(samples, answers, ctx.gold.get(probe_key(messages)), s.n_train)
     return score_judge(ctx, messages, samples, answers, deadline)
+
+
+def score_gold(
+    samples: Samples, answers: list[str | None], gold: str | None, n_train: int
+) -> Scored:
+    """Reward 1 for the first G answers equal to the known answer, 0 otherwise (the ceiling
+    the label-free rewards are measured against); a prompt with no known answer is dropped."""
+    v = samples.version
+    g = min(n_train, len(answers))
+    if gold is None:
+        rewards: tuple[float, ...] = ()
+        drop: str | None = "unscored"
+    else:
+        label = extract_answer(gold) or gold.strip()
+        rewards = tuple(1.0 if a and same_answer(a, label) else 0.0 for a in answers[:g])
+        drop = "no_signal" if len(set(rewards)) < 2 else None
+    return Scored(
+        method="gold",
+        kept=tuple(range(len(rewards))),
+        rewards=rewards,
+        drop=drop,
+        answers=tuple(answers),
+        vote=None,
+        judge_scores=None,
+        obs=(Obs("extraction_rate", v, extraction_rate(answers)),),
+    )
 
 
 def score_ttrl(

@@ -34,6 +34,7 @@ class WorkerContext:
     metrics: WorkerMetrics
     consumer: str  # this process's name in the prompt log's consumer group
     probes: dict[str, str]  # gold answers: read by worker/probe.py only, never by a reward
+    gold: dict[str, str]  # the `gold` reward method's answers (empty for the other methods)
 
 
 def make_context(settings: Settings, metrics: WorkerMetrics | None = None) -> WorkerContext:
@@ -54,6 +55,7 @@ def make_context(settings: Settings, metrics: WorkerMetrics | None = None) -> Wo
         metrics=metrics or WorkerMetrics(),
         consumer=f"{socket.gethostname()}:{os.getpid()}",
         probes=load_probes(settings.probe_file),
+        gold=load_probes(settings.gold_file) if settings.reward_method == "gold" else {},
     )
 
 

@@ -9,13 +9,14 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 from celery.signals import task_retry
 
+from judge import extract_answers
 from strop.records import Keys, ScoredGroup
 from strop.series import Obs, live_reward, read_series
 from tests.service.conftest import API_KEY
 from tests.service.harness import ServerThread
 from tests.worker.conftest import WORKER, log_record, wait_until
 from worker.app import create_app
-from worker.build import build_group, commit, group_id
+from worker.build import Samples, build_group, commit, group_id, score_gold
 from worker.context import make_context, release_contexts
 
 
@@ -173,3 +174,21 @@ def test_build_service_unreachable_retries_then_builds(settings, voter_engine, r
         release_contexts(app)
         app.close()
     assert r.get(keys.built + group_id(log_id, s)) in ("built", "no_signal")
+
+
+def test_score_gold_rewards_answers_equal_to_known_answer_first_g_kept():
+    texts = ("7 + 5 = 12", "The answer is 12.", "11", "twelve?", "12")
+    samples = Samples("base", "base", texts, ((),) * len(texts))
+    answers = extract_answers(list(texts))
+
+    scored = score_gold(samples, answers, gold="12", n_train=4)
+
+    assert scored.method == "gold" and scored.drop is None
+    assert scored.rewards == (1.0, 1.0, 0.0, 0.0) and scored.kept == (0, 1, 2, 3)
+
+
+def test_score_gold_unknown_prompt_dropped_unscored_all_right_no_signal():
+    samples = Samples("base", "base", ("12", "12"), ((), ()))
+    answers = extract_answers(["12", "12"])
+    assert score_gold(samples, answers, gold=None, n_train=2).drop == "unscored"
+    assert score_gold(samples, answers, gold="12", n_train=2).drop == "no_signal"
