@@ -21,7 +21,9 @@ Format choices, for SmolLM2-135M-Instruct and judge/extract.py:
 import random
 from collections.abc import Sequence
 
-from strop.labeled import KINDS, Kind, LabeledQuestion
+from strop.labeled import Kind, LabeledQuestion
+
+KINDS: tuple[Kind, ...] = ("arithmetic", "short")  # what make_labeled_set draws from
 
 SHORT_CUE = 'Start your reply with "The answer is".'
 """Appended to every short-answer question (see the module docstring)."""
@@ -154,3 +156,72 @@ def _arithmetic_space() -> int:
     sub = sum(a - 1 for a in range(SUB_RANGE[0], SUB_RANGE[1] + 1))
     mul = (MUL_RANGE[1] - MUL_RANGE[0] + 1) ** 2
     return add + sub + mul
+
+
+# --- the learning benchmark's stream and held-out set ----------------------------------------
+#
+# Three skills (bare arithmetic, one-step word problems, short facts), each asked in two
+# disjoint sets of wordings: the stream of unlabeled traffic uses the first, the held-out
+# set the second (and other facts), so a lift on the held-out set is a skill learned, not
+# a prompt memorised.
+
+ARITHMETIC_WORDINGS = {
+    "stream": ("What is {a} {op} {b}?", "{a} {op} {b} = ?"),
+    "held_out": ("Compute {a} {op} {b}.", "Calculate {a} {word} {b}."),
+}
+OP_WORDS = {"+": "plus", "-": "minus", "×": "times"}
+WORD_PROBLEMS = {  # (template, operation); {a} and {b} as in the arithmetic ranges
+    "stream": (
+        ("Tom has {a} apples and buys {b} more. How many apples does he have now?", "+"),
+        ("A shelf holds {a} books. {b} are taken away. How many books are left?", "-"),
+        ("There are {a} boxes with {b} pens in each box. How many pens are there?", "×"),
+        ("Sara had {a} stickers and gave {b} to a friend. How many stickers does she have?", "-"),
+    ),
+    "held_out": (
+        ("A farmer counts {a} cows, then {b} more arrive. How many cows are there in all?", "+"),
+        ("A bus carries {a} people and {b} get off. How many people are still on the bus?", "-"),
+        ("Each of {a} bags holds {b} marbles. How many marbles are there altogether?", "×"),
+        ("A jar has {a} coins and {b} more are dropped in. How many coins are in the jar?", "+"),
+    ),
+}
+
+
+def make_learning_set(n: int, seed: int, part: str) -> list[LabeledQuestion]:
+    """`n` distinct questions of the learning benchmark, a third of each skill, in the
+    wordings (and facts) of `part`: `stream` (the unlabeled traffic) or `held_out`."""
+    if part not in ("stream", "held_out"):
+        raise ValueError(f"part must be stream or held_out, got {part!r}")
+    rng = random.Random(f"{part}:{seed}")
+    facts = SHORT_QUESTIONS[0::2] if part == "stream" else SHORT_QUESTIONS[1::2]
+    n_short = min(n // 3, len(facts))
+    out = [_short(q, a) for q, a in rng.sample(facts, n_short)]
+    seen: set[str] = set()
+    while len(out) < n:
+        word = len(out) % 2 == 0  # alternate the two arithmetic skills
+        op = rng.choice("+-×")
+        a, b, value = _operands(op, rng)
+        if word:
+            template, op = rng.choice([t for t in WORD_PROBLEMS[part] if t[1] == op] or [("", op)])
+            if not template:
+                continue
+            prompt, kind = template.format(a=a, b=b), "word"
+        else:
+            template = rng.choice(ARITHMETIC_WORDINGS[part])
+            prompt, kind = template.format(a=a, b=b, op=op, word=OP_WORDS[op]), "arithmetic"
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(LabeledQuestion(prompt, str(value), kind))
+    rng.shuffle(out)
+    return out
+
+
+def _operands(op: str, rng: random.Random) -> tuple[int, int, int]:
+    if op == "+":
+        a, b = rng.randint(*ADD_RANGE), rng.randint(*ADD_RANGE)
+        return a, b, a + b
+    if op == "-":
+        a = rng.randint(*SUB_RANGE)
+        b = rng.randint(1, a - 1)
+        return a, b, a - b
+    a, b = rng.randint(*MUL_RANGE), rng.randint(*MUL_RANGE)
+    return a, b, a * b

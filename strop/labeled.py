@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["arithmetic", "short"]
-KINDS: tuple[Kind, ...] = ("arithmetic", "short")
+Kind = Literal["arithmetic", "short", "word"]  # word: a one-step arithmetic word problem
+KINDS: tuple[Kind, ...] = ("arithmetic", "short", "word")
 
 
 @dataclass(frozen=True)

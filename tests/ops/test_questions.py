@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from judge import extract_answer, majority_vote, same_answer
-from ops.questions import SHORT_CUE, SHORT_QUESTIONS, make_labeled_set
+from ops.questions import SHORT_CUE, SHORT_QUESTIONS, make_labeled_set, make_learning_set
 from strop.labeled import LabeledQuestion, read_jsonl, write_jsonl
 from worker.probe import load_probes, probe_key, probe_obs
 
@@ -147,3 +147,18 @@ def test_probe_obs_with_written_gold_scores_right_vote_as_right(tmp_path):
     )
     assert (label_acc.metric, label_acc.value) == ("label_accuracy", 1.0)
     assert (reward_acc.metric, reward_acc.value) == ("reward_accuracy", 1.0)
+
+
+def test_make_learning_set_parts_share_skills_not_wording_and_answers_are_right():
+    stream, held = make_learning_set(300, 0, "stream"), make_learning_set(60, 0, "held_out")
+
+    assert make_learning_set(300, 0, "stream") == stream  # deterministic
+    assert {q.kind for q in stream} == {q.kind for q in held} == {"arithmetic", "word", "short"}
+    assert not {q.prompt for q in stream} & {q.prompt for q in held}
+    # held-out arithmetic is worded apart from the stream's ("What is 3 + 4?" never)
+    assert not any(q.prompt.startswith("What is ") for q in held if q.kind == "arithmetic")
+    for q in stream + held:
+        if q.kind == "arithmetic":
+            a, op, b = re.search(r"(\d+) (\+|-|×|plus|minus|times) (\d+)", q.prompt).groups()
+            op = {"plus": "+", "minus": "-", "times": "×"}.get(op, op)
+            assert str(OPS[op](int(a), int(b))) == q.answer
