@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 import redis
 from pydantic import ValidationError
 
+from strop.connection import ensure_group
 from strop.records import SCHEMA_VERSION, Record
 
 log = logging.getLogger("strop.learner.feed")
@@ -32,11 +33,7 @@ class Feed(Generic[R]):
     def setup(self) -> None:
         """Create the consumer group (from the stream's start: records written before the
         learner's first start count) and claim other consumers' pending records."""
-        try:
-            self.r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        ensure_group(self.r, self.stream, self.group)
         others = [
             c
             for c in self.r.xpending(self.stream, self.group)["consumers"]

@@ -42,6 +42,7 @@ from learner.metrics import PHASES, LearnerMetrics
 from learner.policy import TRAIN, Policy
 from learner.serving import connect_service
 from strop.adapters import AdapterStore
+from strop.connection import connect
 from strop.records import AdapterVersion, Keys, PreferencePair, ScoredGroup
 from strop.registry import Registry
 from strop.settings import Settings
@@ -313,9 +314,7 @@ def build(settings: Settings, args: Args | None = None, pause_at: str | None = N
         task_type="CAUSAL_LM",
     )
     policy = Policy(model, tokenizer, store, lora)
-    r = redis.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
-    )
+    r = connect(settings.redis_url, timeout=30)  # reads block up to read_block_ms
     service = connect_service(settings.service_url, settings.service_api_key)
     return Learner(args, r, Keys(settings.redis_prefix), store, policy, service, pause_at=pause_at)
 

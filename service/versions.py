@@ -79,7 +79,7 @@ class Versions:
 
     def _public(self, version: str) -> bool:
         """Whether users may reach `version` (see the module docstring)."""
-        return version in self.released or version not in self.store.versions()
+        return version in self.released or not self.store.has_metadata(version)
 
     @contextlib.asynccontextmanager
     async def lease(

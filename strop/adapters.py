@@ -59,8 +59,12 @@ class AdapterStore:
         """Versions the learner wrote (with metadata), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p.name for p in self.root.iterdir() if is_version(p.name) and (p / META).exists()]
+        found = [p.name for p in self.root.iterdir() if self.has_metadata(p.name)]
         return sorted(found, key=version_number)
+
+    def has_metadata(self, version: str) -> bool:
+        """Whether the learner wrote `version` (its `strop.json` is there)."""
+        return is_version(version) and (self.path(version) / META).exists()
 
     def has_adapter(self, version: str) -> bool:
         """Whether `version` can be loaded (also one put there by hand, without metadata)."""

@@ -53,6 +53,19 @@ def group(i: int, version: str) -> ScoredGroup:
     )
 
 
+def service_settings(model_dir: Path, redis_prefix: str, adapters: Path) -> Settings:
+    """A service on the learner's Redis prefix and adapter directory: what its gate asks."""
+    return Settings(
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        model=str(model_dir),
+        model_cache_dir=MODEL_CACHE,
+        adapter_dir=adapters,
+        max_context=512,
+        adapter_poll_s=0.2,
+    )
+
+
 def learners(
     model_dir: Path, redis_prefix: str, tmp_path: Path, engine=None
 ) -> Iterator[Callable[..., Learner]]:
@@ -66,16 +79,8 @@ def learners(
 
     def service_url() -> str:
         if not servers:
-            server_settings = Settings(
-                redis_url=REDIS_URL,
-                redis_prefix=redis_prefix,
-                model=str(model_dir),
-                model_cache_dir=MODEL_CACHE,
-                adapter_dir=adapters,
-                max_context=512,
-                adapter_poll_s=0.2,
-            )
-            servers.append(ServerThread(server_settings, engine).__enter__())
+            settings = service_settings(model_dir, redis_prefix, adapters)
+            servers.append(ServerThread(settings, engine).__enter__())
         return servers[0].url
 
     def make(**overrides) -> Learner:

@@ -23,9 +23,8 @@ from strop.adapters import AdapterStore
 from strop.records import AdapterVersion, Keys, PreferencePair, ScoredGroup
 from strop.registry import Registry
 from strop.series import Obs, write_series
-from strop.settings import Settings
 from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
-from tests.learner.harness import group, pair
+from tests.learner.harness import group, pair, service_settings
 from tests.service.harness import ServerThread, make_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,15 +233,7 @@ def _kill(r, keys, proc) -> None:
 @pytest.fixture
 def gate_service(tiny_model_dir, tiny_engine, redis_prefix, tmp_path):
     """The service a learner process gates through, on the test's prefix and adapters."""
-    settings = Settings(
-        redis_url=REDIS_URL,
-        redis_prefix=redis_prefix,
-        model=str(tiny_model_dir),
-        model_cache_dir=MODEL_CACHE,
-        adapter_dir=tmp_path / "adapters",
-        max_context=512,
-        adapter_poll_s=0.2,
-    )
+    settings = service_settings(tiny_model_dir, redis_prefix, tmp_path / "adapters")
     with ServerThread(settings, tiny_engine) as server:
         yield server
 
