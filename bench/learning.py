@@ -1,0 +1,502 @@
+"""Learning benchmark: does strop make the model better on its own unlabeled traffic?
+
+The measure of the whole product. Arms, one after the other on the same prompts and the
+same wall-clock budget (`--minutes` of traffic each):
+
+- `strop`: the whole loop as `strop up` runs it (service, Celery worker with beat,
+  learner: separate processes, the product's defaults), fed a stream of unlabeled user
+  prompts (`ops.questions.make_learning_set(part="stream")`: bare arithmetic, one-step
+  word problems, short facts) through the `openai` client, paced by the worker's backlog
+  as `strop demo` paces itself;
+- `oracle`: the same loop with gold rewards (`STROP_REWARD_METHOD=gold`): the ceiling. If
+  even this cannot lift the model in the budget, the budget or the model is the limit;
+- `trl`: the peer a practitioner would pick: TRL's `GRPOTrainer` with LoRA (strop's rank,
+  targets and learning rate) and the same label-free majority-vote reward, on the same
+  prompts in the same order; its adapter is saved every `--trl-save-minutes`.
+
+Then every version an arm produced (promoted or rejected) and the base model are scored on
+a held-out labeled set that shares the skills but not the wording (`part="held_out"`),
+never logged and never trained on: pass@1 and maj@8 (8 samples at T=1, internal requests
+pinned to the version through a `strop serve` on the arm's adapters), the flip rate
+(held-out questions whose majority answer was right under the version before and is wrong
+now), mean answer length, and KL to base (on base's greedy held-out answers). For the
+strop and oracle arms, the worker's own monitoring of the groups each version sampled:
+label accuracy and reward accuracy (the stream is also the worker's probe file: gold
+answers for monitoring only, never a reward) and majority ratio.
+
+Prints a table, writes bench/results/learning.json and bench/results/learning.png
+(held-out pass@1 against minutes, per arm).
+
+    python bench/learning.py [--minutes 60] [--arms strop,oracle,trl] [--held-out 48]
+                             [--set STROP_NAME=VALUE ...]
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+from judge import extract_answer, majority_vote, same_answer  # noqa: E402
+from ops.questions import make_learning_set  # noqa: E402
+from strop.connection import connect  # noqa: E402
+from strop.headers import INTERNAL  # noqa: E402
+from strop.labeled import LabeledQuestion, write_jsonl  # noqa: E402
+from strop.records import Keys  # noqa: E402
+from strop.registry import Registry  # noqa: E402
+from strop.series import read_series  # noqa: E402
+from strop.settings import Settings  # noqa: E402
+from strop.snapshot import queues  # noqa: E402
+from strop.versions import pinned_model  # noqa: E402
+
+SAMPLES = 8  # held-out samples per question: pass@1 is their mean, maj@8 their vote
+EVAL_TOKENS = 64
+BACKLOG = 4  # prompts waiting for the worker before the feeder holds back
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=60.0, help="traffic per arm")
+    p.add_argument("--arms", default="strop,oracle,trl")
+    p.add_argument("--stream", type=int, default=600, help="prompts in the traffic stream")
+    p.add_argument("--held-out", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trl-save-minutes", type=float, default=10.0)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning.json")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STROP_NAME=VALUE",
+        help="a setting for every arm instead of the product's default (recipe trials)",
+    )
+    return p.parse_args()
+
+
+def settings_of(env: dict) -> Settings:
+    """The settings an arm's processes read from `env` (its STROP_ variables)."""
+    fields = {k[6:].lower(): v for k, v in env.items() if k.startswith("STROP_")}
+    return Settings(**{k: v for k, v in fields.items() if k in Settings.model_fields})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not become healthy")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 120) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --- the loop arms: strop up, fed traffic ------------------------------------------------------
+
+
+def run_loop_arm(name: str, env: dict, stream: list[LabeledQuestion], minutes: float) -> dict:
+    """`strop up` with `env`, fed the stream for `minutes`; returns what to evaluate."""
+    port = int(env["STROP_PORT"])
+    url = f"http://127.0.0.1:{port}"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "up"],
+        env=env,
+        cwd=env["WORKDIR"],
+        stdout=open(Path(env["WORKDIR"]) / "up.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_healthy(url, up)
+        settings = Settings(redis_prefix=env["STROP_REDIS_PREFIX"])
+        r, keys = connect(settings.redis_url), Keys(settings.redis_prefix)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        start, sent = time.time(), 0
+        print(f"[{name}] traffic for {minutes:.0f} min", flush=True)
+        with ThreadPoolExecutor(2) as pool:
+            for q in stream:
+                if time.time() - start > minutes * 60:
+                    break
+                while time.time() - start < minutes * 60:
+                    q_now = queues(r, keys, settings)
+                    if (q_now["build"] or 0) + (q_now["prompt_log"]["lag"] or 0) < BACKLOG:
+                        break
+                    time.sleep(2)
+                pool.submit(
+                    client.chat.completions.create,
+                    model="strop",
+                    max_tokens=EVAL_TOKENS,
+                    messages=[{"role": "user", "content": q.prompt}],
+                )
+                sent += 1
+                time.sleep(1.0)
+        versions = Registry(r, keys).all()
+        print(f"[{name}] sent {sent} prompts; {len(versions)} versions", flush=True)
+        monitoring = {
+            metric: {
+                v: _mean(points) for v, points in read_series(r, keys, metric, since=start).items()
+            }
+            for metric in ("label_accuracy", "reward_accuracy", "majority_ratio")
+        }
+        return {
+            "start": start,
+            "sent": sent,
+            "versions": [
+                {
+                    "version": v.version,
+                    "status": v.status,
+                    "minutes": (v.created - start) / 60,
+                    "gate": v.gate,
+                    "reason": v.reason,
+                }
+                for v in versions
+            ],
+            "monitoring": monitoring,
+        }
+    finally:
+        stop(up)
+
+
+def _mean(points) -> float | None:
+    total, count = sum(p.sum for p in points), sum(p.count for p in points)
+    return total / count if count else None
+
+
+# --- the TRL arm: GRPOTrainer with LoRA and the majority-vote reward ----------------------------
+
+
+def run_trl_arm(env: dict, stream: list[LabeledQuestion], minutes: float, save_min: float) -> dict:
+    """TRL's GRPOTrainer on the same prompts, for `minutes`; adapters saved as vN."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from strop.model import default_model_dir
+
+    s = settings_of(env)
+    torch.set_num_threads(os.cpu_count() or 1)
+    adapters = Path(env["STROP_ADAPTER_DIR"])
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": q.prompt}]} for q in stream])
+    group = s.n_train  # completions per prompt, as strop trains on
+
+    def majority_reward(completions, **_) -> list[float]:
+        # TRL hands the batch's completions in groups of `num_generations` per prompt
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        rewards: list[float] = []
+        for i in range(0, len(texts), group):
+            vote = majority_vote([extract_answer(t) for t in texts[i : i + group]])
+            rewards += list(vote.rewards) if vote.label is not None else [0.0] * group
+        return rewards
+
+    start = time.time()
+    saved: list[dict] = []
+
+    class Budget(TrainerCallback):
+        last = start
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.time()
+            if now - self.last >= save_min * 60 or now - start >= minutes * 60:
+                version = f"v{len(saved) + 1}"
+                trainer.model.save_pretrained(adapters / version)  # the LoRA weights only
+                saved.append({"version": version, "status": "saved", "minutes": (now - start) / 60})
+                print(f"[trl] step {state.global_step}: saved {version}", flush=True)
+                self.last = now
+            if now - start >= minutes * 60:
+                control.should_training_stop = True
+
+    config = GRPOConfig(
+        output_dir=str(Path(env["WORKDIR"]) / "trl"),
+        learning_rate=s.learning_rate,
+        per_device_train_batch_size=group,
+        num_generations=group,
+        max_completion_length=s.sample_max_tokens,
+        temperature=s.sample_temperature,
+        beta=s.grpo_kl_coef,
+        epsilon=s.grpo_clip,
+        max_steps=10_000,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+    trainer = GRPOTrainer(
+        model=str(default_model_dir(s.model_cache_dir)),
+        reward_funcs=majority_reward,
+        args=config,
+        train_dataset=data,
+        peft_config=LoraConfig(
+            r=s.lora_rank,
+            lora_alpha=s.lora_alpha,
+            target_modules=list(s.lora_target_modules),
+            task_type="CAUSAL_LM",
+        ),
+        callbacks=[Budget()],
+    )
+    print(f"[trl] GRPOTrainer for {minutes:.0f} min", flush=True)
+    trainer.train()
+    return {"start": start, "sent": None, "versions": saved, "monitoring": {}}
+
+
+# --- scoring every version on the held-out set ------------------------------------------------
+
+
+def evaluate(env: dict, arm: dict, held: list[LabeledQuestion]) -> list[dict]:
+    """pass@1, maj@8, flips, length and KL to base of base and every version of the arm."""
+    port = free_port()
+    serve_env = env | {"STROP_PORT": str(port), "STROP_TORCH_THREADS": "0"}
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "serve", "--port", str(port)],
+        env=serve_env,
+        cwd=env["WORKDIR"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, serve)
+        client = openai.OpenAI(
+            base_url=url + "/v1",
+            api_key="none",
+            max_retries=2,
+            timeout=900,
+            default_headers={INTERNAL: "1"},
+        )
+        rows, before = [], None
+        for v in [{"version": "base", "status": "base", "minutes": 0.0}] + arm["versions"]:
+            t = time.time()
+            if v["version"] == "base" and "base" in _scored:  # the same seeded draws
+                row = dict(_scored["base"])
+            else:
+                row = v | score_version(client, v["version"], held)
+                if v["version"] == "base":
+                    _scored["base"] = dict(row)
+            if before is not None:
+                flips = sum(b and not a for b, a in zip(before, row["maj_right"], strict=True))
+                row["flip_rate"] = flips / len(held)
+            before = row["maj_right"]
+            row["kl_to_base"] = kl_to_base(env, v["version"], held, client)
+            print(
+                f"  {v['version']:5} pass@1 {row['pass1']:.3f} maj@8 {row['maj8']:.3f} "
+                f"({time.time() - t:.0f} s)",
+                flush=True,
+            )
+            rows.append(row)
+        return rows
+    finally:
+        stop(serve, 60)
+
+
+def score_version(client: openai.OpenAI, version: str, held: list[LabeledQuestion]) -> dict:
+    def one(i: int, q: LabeledQuestion) -> tuple[list[bool], bool, float]:
+        r = client.chat.completions.create(
+            model=pinned_model(version),
+            messages=[{"role": "user", "content": q.prompt}],
+            n=SAMPLES,
+            temperature=1.0,
+            max_tokens=EVAL_TOKENS,
+            seed=i,  # the same draws for every version: differences are the weights'
+        )
+        answers = [extract_answer(c.message.content or "") for c in r.choices]
+        right = [a is not None and same_answer(a, q.answer) for a in answers]
+        vote = majority_vote(answers)
+        maj = vote.label is not None and not vote.tie and same_answer(vote.label, q.answer)
+        return right, maj, r.usage.completion_tokens / SAMPLES
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(len(held)), held))
+    return {
+        "pass1": statistics.mean(sum(r) / SAMPLES for r, _, _ in results),
+        "maj8": statistics.mean(m for _, m, _ in results),
+        "length": statistics.mean(n for _, _, n in results),
+        "maj_right": [m for _, m, _ in results],
+        "by_kind": {
+            kind: statistics.mean(
+                sum(r) / SAMPLES
+                for (r, _, _), q in zip(results, held, strict=True)
+                if q.kind == kind
+            )
+            for kind in sorted({q.kind for q in held})
+        },
+    }
+
+
+_policy = None
+_scored: dict[str, dict] = {}  # base's held-out scores, measured once for every arm
+
+
+def kl_to_base(env: dict, version: str, held: list[LabeledQuestion], client) -> float:
+    """Mean per-token KL(version || base) on base's greedy answers to the held-out set."""
+    global _policy
+    if version == "base":
+        return 0.0
+    from peft import LoraConfig
+
+    from learner.gate import answer_ids, mean_kl
+    from learner.policy import Policy
+    from learner.serving import ask
+    from strop.adapters import AdapterStore
+    from strop.model import load_model
+
+    s = Settings()
+    if _policy is None:
+        model, tok = load_model(s.model, s.model_cache_dir, "cpu")
+        _policy = Policy(model, tok, AdapterStore(env["STROP_ADAPTER_DIR"]), LoraConfig(r=8))
+    if _policy.store.root != Path(env["STROP_ADAPTER_DIR"]):  # a new arm: its own v1, v2...
+        _policy.store = AdapterStore(env["STROP_ADAPTER_DIR"])
+        _policy.reset("base")  # drops the adapters of the arm before
+    messages = [[{"role": "user", "content": q.prompt}] for q in held]
+    base = [a[0] for a in ask(client, "base", messages, EVAL_TOKENS)]
+    ids = [answer_ids(_policy.tokenizer, a) for a in base]
+    return mean_kl(_policy, version, "base", messages, ids, max_len=1024)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def report(results: dict, out: Path, minutes: float) -> None:
+    print(
+        "\n| arm | version | status | minutes | pass@1 | maj@8 | flip rate | length | KL to base | label acc. | reward acc. | majority ratio |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for arm, res in results.items():
+        mon = res.get("monitoring", {})
+        for row in res["rows"]:
+            v = row["version"]
+            cells = [
+                arm,
+                v,
+                row["status"],
+                f"{row['minutes']:.1f}",
+                f"{row['pass1']:.3f}",
+                f"{row['maj8']:.3f}",
+                _f(row.get("flip_rate")),
+                f"{row['length']:.1f}",
+                _f(row.get("kl_to_base"), ".2e"),
+                _f(mon.get("label_accuracy", {}).get(v)),
+                _f(mon.get("reward_accuracy", {}).get(v)),
+                _f(mon.get("majority_ratio", {}).get(v)),
+            ]
+            print("| " + " | ".join(cells) + " |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for res in results.values():
+        for row in res["rows"]:
+            row.pop("maj_right", None)
+    out.write_text(
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "minutes": minutes,
+                "arms": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+    plot(results, out.with_suffix(".png"))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, res in results.items():
+        rows = [
+            r for r in res["rows"] if r["status"] in ("base", "promoted", "saved", "rolled_back")
+        ]
+        ax.plot([r["minutes"] for r in rows], [r["pass1"] for r in rows], marker="o", label=arm)
+    base = next(iter(results.values()))["rows"][0]
+    ax.axhline(base["maj8"], linestyle=":", color="grey", label="base maj@8")
+    ax.set_xlabel("minutes of traffic")
+    ax.set_ylabel("held-out pass@1 (T=1)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def main() -> None:
+    args = parse()
+    stream = make_learning_set(args.stream, args.seed, "stream")
+    held = make_learning_set(args.held_out, args.seed, "held_out")
+    kinds = Counter(q.kind for q in stream)
+    print(f"stream: {len(stream)} prompts {dict(kinds)}; held-out: {len(held)}", flush=True)
+    results = {}
+    for arm in args.arms.split(","):
+        work = Path(tempfile.mkdtemp(prefix=f"strop-learning-{arm}-"))
+        gold = write_jsonl(stream, work / "stream.jsonl")
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("STROP_")},
+            "WORKDIR": str(work),
+            "STROP_PORT": str(free_port()),
+            "STROP_REDIS_PREFIX": f"bench-learning-{arm}-{uuid.uuid4().hex[:6]}:",
+            "STROP_ADAPTER_DIR": str(work / "adapters"),
+            "STROP_PROBE_FILE": str(gold),  # monitoring only: label and reward accuracy
+            "STROP_WORKER_METRICS_PORT": "0",
+            "STROP_LEARNER_METRICS_PORT": "0",
+            "STROP_LOG_LEVEL": "INFO",
+        }
+        env |= dict(kv.split("=", 1) for kv in args.set)
+        if arm == "oracle":
+            env |= {"STROP_REWARD_METHOD": "gold", "STROP_GOLD_FILE": str(gold)}
+        if arm == "trl":
+            res = run_trl_arm(env, stream, args.minutes, args.trl_save_minutes)
+        else:
+            res = run_loop_arm(arm, env, stream, args.minutes)
+        print(
+            f"[{arm}] scoring {len(res['versions'])} versions on {len(held)} held-out questions",
+            flush=True,
+        )
+        res["rows"] = evaluate(env, res, held)
+        results[arm] = res
+        r = connect(Settings().redis_url)
+        for key in r.scan_iter(env["STROP_REDIS_PREFIX"] + "*"):
+            r.delete(key)
+    report(results, args.out, args.minutes)
+
+
+if __name__ == "__main__":
+    main()
