@@ -30,6 +30,7 @@ class PromptLog:
         self.redis_ok = True
         self._redis = connect_async(redis_url, timeout=1.0)
         self._inflight: set[int] = set()  # ids of records being written right now
+        self._evicted_inflight = 0  # of those, evicted by a full buffer meanwhile
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -37,7 +38,9 @@ class PromptLog:
         """Queue a record for writing; never blocks, never raises."""
         if len(self.buffer) >= self.buffer_size:
             oldest = self.buffer.popleft()
-            if id(oldest) not in self._inflight:  # one being written is not lost
+            if id(oldest) in self._inflight:  # being written: lost only if that write fails
+                self._evicted_inflight += 1
+            else:
                 self.dropped += 1
         self.buffer.append(record)
         self._wake.set()
@@ -73,6 +76,8 @@ class PromptLog:
                     await pipe.execute()
             except (RedisError, OSError) as e:
                 self._inflight = set()
+                self.dropped += self._evicted_inflight  # evicted while the write failed
+                self._evicted_inflight = 0
                 if self.redis_ok:
                     log.warning(
                         "prompt log: redis unreachable (%s); buffering", e.__class__.__name__
@@ -87,6 +92,7 @@ class PromptLog:
                 if self.buffer and self.buffer[0] is rec:
                     self.buffer.popleft()
             self._inflight = set()
+            self._evicted_inflight = 0
             self.written += len(batch)
             if not self.redis_ok:
                 log.warning("prompt log: redis is back; %d records buffered", len(self.buffer))
