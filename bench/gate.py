@@ -211,7 +211,9 @@ def main() -> None:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "label": label,
         "engine": args.engine,
-        "code": str(code),
+        "code": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True, text=True
+        ).stdout.strip(),
         "probe_size": args.probe_size,
         "traffic": args.traffic,
         "median_s": median,
