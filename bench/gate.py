@@ -227,8 +227,10 @@ def sample_forever(port: int, stop: threading.Event) -> None:
     """What a busy worker sends: 4 answers at T=1, 64 tokens, back to back (internal)."""
     import httpx
 
+    from strop.headers import INTERNAL
+
     body = {"model": "strop", "n": 4, "temperature": 1.0, "max_tokens": 64}
-    with httpx.Client(timeout=600, headers={"X-Strop-Internal": "1"}) as http:
+    with httpx.Client(timeout=600, headers={INTERNAL: "1"}) as http:
         i = 0
         while not stop.is_set():
             q = PROMPTS[i % len(PROMPTS)]

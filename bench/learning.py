@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,9 +48,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-import httpx  # noqa: E402
 import openai  # noqa: E402
+from gate import free_port, wait_healthy  # noqa: E402  (the gate bench's: one way)
 
 from judge import extract_answer, majority_vote, same_answer  # noqa: E402
 from ops.questions import make_learning_set  # noqa: E402
@@ -95,26 +95,6 @@ def settings_of(env: dict) -> Settings:
     return Settings(**{k: v for k, v in fields.items() if k in Settings.model_fields})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        time.sleep(1)
-    raise RuntimeError(f"{url} did not become healthy")
-
-
 def stop(proc: subprocess.Popen, timeout: float = 120) -> None:
     proc.send_signal(signal.SIGINT)
     try:
@@ -139,7 +119,7 @@ def run_loop_arm(name: str, env: dict, stream: list[LabeledQuestion], minutes: f
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_healthy(url, up)
+        wait_healthy(url + "/health", up, "strop up")
         settings = Settings(redis_prefix=env["STROP_REDIS_PREFIX"])
         r, keys = connect(settings.redis_url), Keys(settings.redis_prefix)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
@@ -289,7 +269,7 @@ def evaluate(env: dict, arm: dict, held: list[LabeledQuestion]) -> list[dict]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, serve)
+        wait_healthy(url + "/health", serve, "strop serve")
         client = openai.OpenAI(
             base_url=url + "/v1",
             api_key="none",
