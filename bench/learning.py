@@ -53,7 +53,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 import openai  # noqa: E402
 from gate import free_port, wait_healthy  # noqa: E402  (the gate bench's: one way)
 
-from judge import extract_answer, majority_vote, same_answer  # noqa: E402
+from judge import (  # noqa: E402
+    consistent_rewards,
+    extract_answer,
+    extract_answers,
+    majority_vote,
+    same_answer,
+    vote_answers,
+)
 from ops.questions import make_learning_set  # noqa: E402
 from strop.connection import connect  # noqa: E402
 from strop.headers import INTERNAL  # noqa: E402
@@ -193,13 +200,18 @@ def run_trl_arm(env: dict, stream: list[LabeledQuestion], minutes: float, save_m
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": q.prompt}]} for q in stream])
     group = s.n_train  # completions per prompt, as strop trains on
 
-    def majority_reward(completions, **_) -> list[float]:
-        # TRL hands the batch's completions in groups of `num_generations` per prompt
+    def majority_reward(prompts, completions, **_) -> list[float]:
+        # strop's own reward (worker/build.py score_ttrl), group by group: TRL hands the
+        # batch's completions in groups of `num_generations` per prompt
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
         rewards: list[float] = []
         for i in range(0, len(texts), group):
-            vote = majority_vote([extract_answer(t) for t in texts[i : i + group]])
-            rewards += list(vote.rewards) if vote.label is not None else [0.0] * group
+            chunk, prompt = texts[i : i + group], prompts[i]
+            prompt = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+            finals = extract_answers(chunk)
+            vote = majority_vote(vote_answers(chunk, prompt, finals))
+            trusted = vote.label is not None and not vote.tie and vote.ratio >= s.min_majority_ratio
+            rewards += consistent_rewards(vote, finals) if trusted else [0.0] * len(chunk)
         return rewards
 
     start = time.time()

@@ -4,16 +4,19 @@ Pure functions: no I/O and no settings (values are passed in as arguments).
 """
 
 from judge.auto import choose_method, extraction_rate
+from judge.equation import consistent_rewards, stated_result, vote_answers
 from judge.extract import extract_answer, extract_answers
 from judge.llm_score import JUDGE_TEMPLATE, judge_messages, judge_rewards, mean_score, parse_score
 from judge.pairs import Pair, select_pair
-from judge.vote import VoteResult, majority_vote, same_answer, ttrl_rewards
+from judge.vote import VoteResult, answer_entropy, majority_vote, same_answer, ttrl_rewards
 
 __all__ = [
     "JUDGE_TEMPLATE",
     "Pair",
     "VoteResult",
+    "answer_entropy",
     "choose_method",
+    "consistent_rewards",
     "extract_answer",
     "extract_answers",
     "extraction_rate",
@@ -24,5 +27,7 @@ __all__ = [
     "parse_score",
     "same_answer",
     "select_pair",
+    "stated_result",
     "ttrl_rewards",
+    "vote_answers",
 ]

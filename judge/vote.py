@@ -17,6 +17,7 @@ Choices, all independent of the order of the samples:
 - None, empty and blank answers never take part: they get reward 0.0 and never win.
 """
 
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -106,6 +107,23 @@ def majority_vote(answers: Sequence[str | None]) -> VoteResult:
         tie=len(tied) > 1,
         tied_labels=tied if len(tied) > 1 else [],
     )
+
+
+def answer_entropy(vote: VoteResult) -> float:
+    """Entropy of the vote's answer clusters over all samples (an unanswered sample is its
+    own cluster), scaled to [0, 1]: 0 when every sample gives one answer, 1 when all
+    differ. A loop collapsing into one confident answer drives it to 0.
+
+    Example:
+        >>> answer_entropy(majority_vote(["4", "4", "4", "4"])), answer_entropy(majority_vote(["1", "2"]))
+        (0.0, 1.0)
+    """
+    n = len(vote.rewards)
+    if n < 2:
+        return 0.0
+    sizes = list(vote.counts.values())
+    sizes += [1] * (n - sum(sizes))  # each unanswered sample
+    return max(0.0, -sum(c / n * math.log(c / n) for c in sizes) / math.log(n))  # no -0.0
 
 
 def ttrl_rewards(completions: Sequence[str], **kwargs) -> list[float]:

@@ -21,7 +21,9 @@ the one that sampled the group for build metrics):
 - values (mean = sum / count): reward (per completion, of the groups written: see
   `live_reward`), majority_ratio, extraction_rate (per group), judge_score (per judged
   completion; label: rounded score, a distribution), label_accuracy and reward_accuracy
-  (probe prompts only).
+  (probe prompts only), answer_length (per group: mean tokens of its N samples),
+  answer_entropy (per voted group: entropy of its answers' vote, 0 = all agree, 1 = all
+  differ): the collapse detector's signals.
 """
 
 import time
@@ -42,6 +44,8 @@ VALUE_METRICS = (
     "judge_score",
     "label_accuracy",
     "reward_accuracy",
+    "answer_length",
+    "answer_entropy",
 )
 
 

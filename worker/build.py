@@ -33,7 +33,9 @@ from pydantic import ValidationError
 
 from judge import (
     VoteResult,
+    answer_entropy,
     choose_method,
+    consistent_rewards,
     extract_answer,
     extract_answers,
     extraction_rate,
@@ -42,6 +44,7 @@ from judge import (
     majority_vote,
     same_answer,
     select_pair,
+    vote_answers,
 )
 from strop.records import PreferencePair, PromptLogRecord, ScoredGroup
 from strop.series import Obs, write_series
@@ -93,6 +96,7 @@ class Scored:
     drop: str | None  # reason the group is not written, or None
     answers: tuple[str | None, ...]  # the N extracted answers
     vote: VoteResult | None  # TTRL only
+    vote_rewards: tuple[float, ...] | None  # TTRL only: the rewards of all N samples
     judge_scores: tuple[float, ...] | None  # judge only: the kept completions' mean scores
     obs: tuple[Obs, ...]  # what scoring measured; the reward itself only once written
 
@@ -126,11 +130,12 @@ def build_group(ctx: WorkerContext, log_id: str, deadline: float | None = None) 
         obs = [Obs("dropped", record.version, label="rejected")]
         return _finish(ctx, gid, None, None, obs, "rejected")
     scored = score(ctx, record.messages, samples, deadline)
+    version = samples.version
     # monitoring only, after the rewards are final: the gold answers never reach them
     obs = list(scored.obs) + probe_obs(
-        ctx.probes, record.messages, list(scored.answers), scored.vote, samples.version
+        ctx.probes, record.messages, list(scored.answers), scored.vote, scored.vote_rewards, version
     )
-    version = samples.version
+    obs.append(Obs("answer_length", samples.version, mean_length(samples)))
     if scored.drop is not None:
         obs.append(Obs("dropped", version, label=scored.drop))
         outcome = _finish(ctx, gid, None, None, obs, scored.drop)
@@ -197,6 +202,16 @@ def sample(ctx: WorkerContext, messages: list[dict[str, Any]], deadline: float) 
     )
 
 
+def mean_length(samples: Samples) -> float:
+    """Mean answer length of the group, in tokens (characters / 4 where a sample has no
+    logprobs): the collapse detector watches it."""
+    lengths = [
+        len(lp) if lp else len(t) / 4
+        for t, lp in zip(samples.texts, samples.token_logprobs, strict=True)
+    ]
+    return sum(lengths) / max(1, len(lengths))
+
+
 def _chat(ctx: WorkerContext, deadline: float, **kwargs: Any) -> Any:
     """One internal chat completion, ending by `deadline`; 502/503/504 become ServiceBusy."""
     timeout = max(1.0, deadline - time.monotonic())
@@ -224,7 +239,9 @@ def score(
         else s.reward_method
     )
     if method == "ttrl":
-        return score_ttrl(samples, answers, s.n_train, s.min_majority_ratio)
+        return score_ttrl(
+            samples, answers, s.n_train, s.min_majority_ratio, last_user_text(messages)
+        )
     if method == "gold":
         return score_gold(samples, answers, ctx.gold.get(probe_key(messages)), s.n_train)
     return score_judge(ctx, messages, samples, answers, deadline)
@@ -251,22 +268,31 @@ def score_gold(
         drop=drop,
         answers=tuple(answers),
         vote=None,
+        vote_rewards=None,
         judge_scores=None,
         obs=(Obs("extraction_rate", v, extraction_rate(answers)),),
     )
 
 
 def score_ttrl(
-    samples: Samples, answers: list[str | None], n_train: int, min_majority_ratio: float
+    samples: Samples,
+    answers: list[str | None],
+    n_train: int,
+    min_majority_ratio: float,
+    prompt: str = "",
 ) -> Scored:
-    """Majority vote over all N answers; the first G are kept with their vote rewards."""
+    """Majority vote over all N answers (their stated results where the group states any:
+    judge/equation.py); the first G are kept, rewarded where they agree with the label
+    and end on it."""
     v = samples.version
-    vote = majority_vote(answers)
+    vote = majority_vote(vote_answers(samples.texts, prompt, answers))
     g = min(n_train, len(answers))
-    rewards = tuple(vote.rewards[:g])
+    all_rewards = tuple(consistent_rewards(vote, answers))
+    rewards = all_rewards[:g]
     obs = [Obs("extraction_rate", v, extraction_rate(answers))]
     if vote.label is not None:
         obs.append(Obs("majority_ratio", v, vote.ratio))
+        obs.append(Obs("answer_entropy", v, answer_entropy(vote)))
     if vote.label is None:
         drop = "no_answer"
     elif vote.ratio < min_majority_ratio:
@@ -284,6 +310,7 @@ def score_ttrl(
         drop=drop,
         answers=tuple(answers),
         vote=vote,
+        vote_rewards=all_rewards,
         judge_scores=None,
         obs=tuple(obs),
     )
@@ -337,6 +364,7 @@ def score_judge(
         drop=drop,
         answers=tuple(answers),
         vote=None,
+        vote_rewards=None,
         judge_scores=rewards,
         obs=tuple(obs),
     )

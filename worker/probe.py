@@ -7,6 +7,7 @@ No reward, group or pair ever sees a gold answer.
 """
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,18 @@ def probe_obs(
     messages: list[dict[str, Any]],
     answers: list[str | None],
     vote: VoteResult | None,
+    rewards: Sequence[float] | None,
     version: str,
 ) -> list[Obs]:
     """TTRL's label accuracy (majority label vs gold) and reward accuracy (share of the N
-    vote rewards equal to the rewards gold would give), if the prompt is a probe."""
+    rewards equal to the rewards gold would give), if the prompt is a probe."""
     gold_text = probes.get(probe_key(messages)) if probes else None
-    if gold_text is None or vote is None:
+    if gold_text is None or vote is None or rewards is None:
         return []
     gold = extract_answer(gold_text) or gold_text.strip()
     label_ok = vote.label is not None and same_answer(vote.label, gold)
     gold_rewards = [1.0 if a and same_answer(a, gold) else 0.0 for a in answers]
-    agree = sum(r == g for r, g in zip(vote.rewards, gold_rewards, strict=True))
+    agree = sum(r == g for r, g in zip(rewards, gold_rewards, strict=True))
     return [
         Obs("label_accuracy", version, float(label_ok)),
         Obs("reward_accuracy", version, agree / len(answers)),

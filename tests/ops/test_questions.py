@@ -142,8 +142,9 @@ def test_probe_obs_with_written_gold_scores_right_vote_as_right(tmp_path):
     q = LabeledQuestion("What is 3 + 4?", "7", "arithmetic")
     probes = load_probes(write_jsonl([q], tmp_path / "probe.jsonl"))
     answers = ["7", "7", "8", None]
+    vote = majority_vote(answers)
     label_acc, reward_acc = probe_obs(
-        probes, [{"role": "user", "content": q.prompt}], answers, majority_vote(answers), "base"
+        probes, [{"role": "user", "content": q.prompt}], answers, vote, vote.rewards, "base"
     )
     assert (label_acc.metric, label_acc.value) == ("label_accuracy", 1.0)
     assert (reward_acc.metric, reward_acc.value) == ("reward_accuracy", 1.0)

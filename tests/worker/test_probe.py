@@ -45,15 +45,18 @@ def test_probe_rewards_identical_with_and_without_probe_file(ctx, worker_setting
         score(probed_ctx, messages, samples, deadline),
     )
     assert plain == probed
-    assert probe_obs(ctx.probes, messages, list(plain.answers), plain.vote, "base") == []
+    assert (
+        probe_obs(ctx.probes, messages, list(plain.answers), plain.vote, plain.vote_rewards, "base")
+        == []
+    )
 
     # gold says 7, which no sample answers: the label is wrong, and so is every reward 1.0
     label_acc, reward_acc = probe_obs(
-        probed_ctx.probes, messages, list(probed.answers), probed.vote, "base"
+        probed_ctx.probes, messages, list(probed.answers), probed.vote, probed.vote_rewards, "base"
     )
     assert (label_acc.metric, label_acc.value) == ("label_accuracy", 0.0)
     assert reward_acc.metric == "reward_accuracy"
-    assert reward_acc.value == probed.vote.rewards.count(0.0) / 9
+    assert reward_acc.value == probed.vote_rewards.count(0.0) / 9
 
 
 def test_probe_build_records_accuracy_and_rewards_follow_the_vote(worker_settings, tmp_path, r):
