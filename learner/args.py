@@ -43,7 +43,7 @@ class Args:
 
     # --- rollback ---------------------------------------------------------------------------
     rollback_check_s: float = 10.0
-    """How often the learner runs the rollback check."""
+    """How often the learner runs the rollback check and the collapse guard."""
 
     # --- plumbing ---------------------------------------------------------------------------
     consumer: str = "learner-0"

@@ -12,6 +12,9 @@ One long-running loop, nanoGPT-style. For each version:
             it, and only then acknowledge the records it consumed (learner/lifecycle.py)
     gate    promote it if it passes the gate (learner/gate.py), else keep it as rejected
             (and start the next version from the promoted one again)
+    guard   while waiting for records: roll back a promoted version whose live reward
+            dropped (learner/rollback.py), or whose answers collapsed, which also halts
+            promotion until an operator resumes it (learner/collapse.py)
 
 Crash safety: a learner killed at any moment loses no record and trains on none twice;
 on start, `Lifecycle.reconcile` finishes what the crash interrupted (learner/lifecycle.py).
@@ -33,7 +36,7 @@ import redis
 import torch
 from peft import LoraConfig
 
-from learner import rollback, steps
+from learner import collapse, rollback, steps
 from learner.args import Args
 from learner.feed import Feed
 from learner.lifecycle import Lifecycle
@@ -239,25 +242,53 @@ class Learner:
     # --- housekeeping, state and metrics for operators -----------------------------------------
 
     def housekeeping(self, waiting: int = 0, since: float | None = None) -> None:
-        """Run the rollback check when due, and report that the learner waits for records."""
+        """Run the collapse guard and the rollback check when due, and report that the
+        learner waits for records."""
         now = time.time()
         if now - self._last_check >= self.args.rollback_check_s:
             self._last_check = now
-            try:
-                rollback.check(
-                    self.registry,
-                    self.r,
-                    self.keys,
-                    self.args.rollback_window_s,
-                    self.args.rollback_margin,
-                    self.args.rollback_min_samples,
-                )
-            except (redis.ConnectionError, redis.TimeoutError):
-                pass  # the read loop reports Redis being down
-            except Exception:  # a failed check must not stop training
-                log.exception("rollback check failed")
+            # The collapse guard first: it also halts promotion, and a version it rolled
+            # back is not the rollback check's to judge (it checks promotions only).
+            for name, check in (
+                ("collapse guard", self.check_collapse),
+                ("rollback", self.check_rollback),
+            ):
+                try:
+                    check()
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # the read loop reports Redis being down
+                except Exception:  # a failed check must not stop training
+                    log.exception("%s check failed", name)
         self.metrics.buffered.set(waiting)
         self._state(phase="waiting", buffered=waiting, waiting_s=round(now - (since or now), 1))
+
+    def check_collapse(self) -> collapse.Verdict:
+        """The collapse guard (learner/collapse.py): a collapsing promoted version is rolled
+        back to its last good version on disk, and promotion halts."""
+        a = self.args
+        return collapse.check(
+            self.registry,
+            self.r,
+            self.keys,
+            a.collapse_window_s,
+            a.collapse_min_groups,
+            a.collapse_majority_ratio,
+            a.collapse_answer_entropy,
+            a.collapse_length_factor,
+            available=self.store.has_adapter,
+        )
+
+    def check_rollback(self) -> rollback.Verdict:
+        """The live reward check (learner/rollback.py)."""
+        a = self.args
+        return rollback.check(
+            self.registry,
+            self.r,
+            self.keys,
+            a.rollback_window_s,
+            a.rollback_margin,
+            a.rollback_min_samples,
+        )
 
     def _observe_step(self, metrics: dict[str, float], records: int) -> None:
         m = self.metrics

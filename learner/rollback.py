@@ -51,15 +51,7 @@ def check(
     if current is None:
         return Verdict(None, "base")
     # The event that put `current` under the pointer: a promotion we check, or a rollback.
-    moved = next(
-        (
-            e
-            for e in reversed(registry.events(count=1000))
-            if (e.kind == "promoted" and e.version == current)
-            or (e.kind == "rolled_back" and e.previous == current)
-        ),
-        None,
-    )
+    moved = registry.arrival(current)
     if moved is None or moved.kind != "promoted":
         return Verdict(current, "base", reason="reached by rollback or unknown: not checked")
     previous = moved.previous or "base"

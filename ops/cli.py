@@ -52,7 +52,8 @@ def cmd_learner(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    """List, show, promote or roll back adapter versions (the registry in Redis)."""
+    """List, show, promote or roll back adapter versions, or resume promotions after the
+    collapse guard halted them (the registry in Redis)."""
     import json
 
     from strop.adapters import AdapterStore
@@ -85,6 +86,18 @@ def cmd_adapters(args: argparse.Namespace) -> int:
                 f"{kl:>8} {reward:>13}  {created}  {v.reason or ''}"
             )
         print(f"strop -> {pointer or 'base'}")
+        if (halt := registry.halted()) is not None:
+            print(
+                f"promotion halted: {halt.reason} ({halt.version} rolled back to "
+                f"{halt.rolled_back_to}); `strop adapters resume` allows promotions again"
+            )
+        return 0
+    if args.action == "resume":
+        halt = registry.resume(reason="manual (cli)")
+        if halt is None:
+            print("strop: promotion was not halted")
+        else:
+            print(f"strop: promotion resumed (halted since {halt.version}: {halt.reason})")
         return 0
     if args.action == "show":
         v = registry.get(args.version)
@@ -187,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--versions", type=int, default=None, help="exit after writing this many versions"
     )
     p.set_defaults(func=cmd_learner)
-    p = sub.add_parser("adapters", help="adapter versions: list, show, promote, rollback")
+    p = sub.add_parser("adapters", help="adapter versions: list, show, promote, rollback, resume")
     act = p.add_subparsers(dest="action", required=True)
     act.add_parser("list", help="every version with its status; * marks `strop`")
     act.add_parser("show", help="one version's metadata").add_argument("version")
@@ -195,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_parser(
         "rollback", help="point `strop` back (default: the previous promoted version)"
     ).add_argument("version", nargs="?", default=None, help="vN, or `base`")
+    act.add_parser("resume", help="allow promotions again after the collapse guard halted them")
     p.set_defaults(func=cmd_adapters)
     p = sub.add_parser("worker", help="build scored groups and pairs from the prompt log")
     p.add_argument("--no-beat", action="store_true", help="don't embed beat (run `strop beat`)")

@@ -80,6 +80,7 @@ def render(data: dict[str, Any], width: int = 48) -> str:
     lines = [
         f"strop status  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}"
         f"   strop -> {data['promoted'] or 'base'}   window {window / 60:.0f} min",
+        *_halted(data.get("halted"), now),
         "",
         "Adapter versions (* = serving)",
         f"  {'version':8} {'status':12} {'parent':7} {'created':10} {'algo':5} "
@@ -169,6 +170,18 @@ def render(data: dict[str, Any], width: int = 48) -> str:
             if isinstance(v, dict) and v:
                 lines.append(f"  {k}: " + ", ".join(f"{a} {_fmt(b)}" for a, b in v.items()))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _halted(halt: dict | None, now: float) -> list[str]:
+    """The collapse guard's halt, if set: the first thing an operator must see."""
+    if not halt:
+        return []
+    return [
+        "",
+        f"promotion halted: {halt['reason']}",
+        f"  the collapse guard rolled {halt['version']} back to {halt['rolled_back_to']} "
+        f"{_ago(now - halt['time'])}; `strop adapters resume` allows promotions again",
+    ]
 
 
 def _live(stat: dict | None) -> str:

@@ -32,6 +32,7 @@ class Keys:
         self.built = f"{prefix}built:"  # + idempotency key: groups already written
         self.series = f"{prefix}ts:"  # + metric name: time series (sorted sets)
         self.learner_state = f"{prefix}learner:state"  # hash: what the learner is doing
+        self.halted = f"{prefix}halted"  # string: PromotionHalt JSON while promotion is halted
 
 
 def new_request_id() -> str:
@@ -131,10 +132,23 @@ class AdapterVersion(Record):
 
 
 class RegistryEvent(Record):
-    """A change in the registry: promoted, rejected, rolled_back, candidate."""
+    """A change in the registry: promoted, rejected, rolled_back, candidate; halted and
+    resumed (promotion stopped by the collapse guard, and allowed again by an operator)."""
 
-    kind: Literal["candidate", "promoted", "rejected", "rolled_back"]
+    kind: Literal["candidate", "promoted", "rejected", "rolled_back", "halted", "resumed"]
     version: str
     previous: str | None = None
     reason: str | None = None
+    time: float = Field(default_factory=time.time)
+
+
+class PromotionHalt(Record):
+    """Why promotion is halted: the collapse guard tripped on `version` and rolled `strop`
+    back to `rolled_back_to`. While it is set no version is promoted; `strop adapters
+    resume` clears it."""
+
+    version: str  # the version that tripped the guard
+    rolled_back_to: str  # `base` or vN: the last good version
+    reason: str  # which signals tripped, with their values
+    signals: dict[str, float] = Field(default_factory=dict)
     time: float = Field(default_factory=time.time)

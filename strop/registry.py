@@ -3,11 +3,15 @@ an event for each change (appended to a stream for history, published for wake-u
 
 Statuses: candidate -> promoted | rejected; promoted -> rolled_back. The pointer
 (`Keys.promoted`) names the version `strop` serves; no pointer means the base model.
+
+Promotion can be halted (`Keys.halted`, a `PromotionHalt`): the collapse guard sets it when
+it rolls a collapsing version back (learner/collapse.py), the learner promotes nothing while
+it is set, and an operator clears it (`strop adapters resume`).
 """
 
 import redis
 
-from strop.records import AdapterVersion, Keys, RegistryEvent
+from strop.records import AdapterVersion, Keys, PromotionHalt, RegistryEvent
 from strop.versions import version_name, version_number
 
 EVENTS_MAXLEN = 10_000
@@ -36,6 +40,24 @@ class Registry:
         """The latest events, newest last."""
         entries = self.r.xrevrange(self.keys.events, count=count)
         return [RegistryEvent.from_stream(f) for _, f in reversed(entries)]
+
+    def arrival(self, version: str, scan: int = 1000) -> RegistryEvent | None:
+        """The event that put `version` under the pointer: its promotion, or the rollback
+        to it (None if not among the latest `scan` events)."""
+        return next(
+            (
+                e
+                for e in reversed(self.events(count=scan))
+                if (e.kind == "promoted" and e.version == version)
+                or (e.kind == "rolled_back" and e.previous == version)
+            ),
+            None,
+        )
+
+    def halted(self) -> PromotionHalt | None:
+        """Why promotion is halted, or None if it is not."""
+        raw = self.r.get(self.keys.halted)
+        return PromotionHalt.model_validate_json(raw) if raw else None
 
     # --- changing ---------------------------------------------------------------------
 
@@ -95,6 +117,19 @@ class Registry:
             self.r.set(self.keys.promoted, to)
         self._event("rolled_back", current or "base", previous=to, reason=reason)
         return current, to
+
+    def halt(self, halt: PromotionHalt) -> None:
+        """Stop promotions until `resume` (the collapse guard calls it after its rollback)."""
+        self.r.set(self.keys.halted, halt.model_dump_json())
+        self._event("halted", halt.version, previous=halt.rolled_back_to, reason=halt.reason)
+
+    def resume(self, reason: str = "manual") -> PromotionHalt | None:
+        """Allow promotions again; returns the halt it cleared (None: none was set)."""
+        halt = self.halted()
+        if halt is not None:
+            self.r.delete(self.keys.halted)
+            self._event("resumed", halt.version, reason=reason)
+        return halt
 
     def _set_status(
         self, version: str, status: str, reason: str | None = None, gate: dict | None = None

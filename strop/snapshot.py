@@ -3,7 +3,8 @@
 Read-only, and free of any part: the service imports it without the worker or Celery.
 
 Sources, all read-only:
-- the adapter registry (versions, the promoted pointer, events);
+- the adapter registry (versions, the promoted pointer, events, and whether the collapse
+  guard halted promotion: `halted`, with its reason);
 - the worker's per-minute time series (`strop/series.py`: the live reward, majority_ratio,
   judge_score, ... per behaviour version; ingested, built, pairs, dropped counts);
 - the prompt log itself, for requests logged per minute (counted inside Redis);
@@ -93,7 +94,7 @@ def gather(
     logged, capped = _logged_per_minute(r, keys, since)
     traffic = {"logged": [logged.get(m, 0) for m in minutes], **traffic}
 
-    promoted = registry.promoted()
+    promoted, halt = registry.promoted(), registry.halted()
     versions = [
         {
             "version": v.version,
@@ -113,6 +114,7 @@ def gather(
         "time": now,
         "window_s": window_s,
         "promoted": promoted,
+        "halted": halt.model_dump() if halt else None,
         "versions": versions,
         "events": [e.model_dump() for e in registry.events(EVENTS_SHOWN)],
         "live": live,

@@ -118,6 +118,7 @@ async function poll() {
 function render(d) {
   $("serving").textContent = `strop → ${d.promoted || "base"}`;
   $("updated").textContent = `updated ${new Date(d.time * 1000).toLocaleTimeString()}`;
+  renderHalted(d.halted, d.time);
   renderTiles(d);
   renderVersions(d);
   renderRollback(d);
@@ -151,6 +152,18 @@ function render(d) {
 }
 
 // --- tiles, tables -----------------------------------------------------------------------
+
+/** The collapse guard's halt: promotions stop until an operator runs `strop adapters resume`. */
+function renderHalted(halt, now) {
+  const banner = $("halted");
+  banner.hidden = !halt;
+  if (!halt) return;
+  banner.replaceChildren(
+    h("b", {}, "promotion halted: "), halt.reason,
+    h("div", { class: "small" },
+      `The collapse guard rolled ${halt.version} back to ${halt.rolled_back_to} ${ago(now - halt.time)}. `,
+      "Run ", h("code", {}, "strop adapters resume"), " to allow promotions again."));
+}
 
 function renderTiles(d) {
   const t = d.traffic.totals;

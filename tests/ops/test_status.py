@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from ops.status import BLOCKS, bucket, sparkline
-from strop.records import AdapterVersion, Keys, PromptLogRecord, SamplingRecord
+from ops.status import BLOCKS, bucket, render, sparkline
+from strop.records import AdapterVersion, Keys, PromotionHalt, PromptLogRecord, SamplingRecord
 from strop.registry import Registry
 from strop.series import Obs, write_series
 from strop.settings import Settings
@@ -164,3 +164,20 @@ def test_strop_status_json_prints_the_gathered_data(seeded):
 
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["promoted"] == "v2"
+
+
+def test_strop_status_promotion_halted_shows_collapse_reason(redis_client, seeded):
+    registry = Registry(redis_client, seeded)
+    registry.halt(
+        PromotionHalt(version="v2", rolled_back_to="v1", reason="majority ratio 1.000 >= 0.95")
+    )
+    settings = Settings(redis_url=REDIS_URL, redis_prefix=seeded.prefix)
+
+    data = gather(redis_client, settings)
+    text = render(data)
+
+    assert data["halted"]["version"] == "v2" and data["halted"]["rolled_back_to"] == "v1"
+    assert "promotion halted: majority ratio 1.000 >= 0.95" in text
+    assert "rolled v2 back to v1" in text and "strop adapters resume" in text
+    registry.resume()
+    assert gather(redis_client, settings)["halted"] is None

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from strop.records import AdapterVersion, Keys
+from strop.records import AdapterVersion, Keys, PromotionHalt
 from strop.registry import Registry
 from strop.series import Obs, write_series
 from tests.service.conftest import ADMIN_KEY, API_KEY
@@ -249,3 +249,38 @@ def test_dashboard_data_without_key_returns_401_and_page_is_public(settings, tin
         assert len(data["traffic"]["minutes"]) in (15, 16)
         bad = httpx.get(server.url + "/dashboard/data?window=5", headers=auth)
         assert bad.status_code == 400
+
+
+def test_dashboard_promotion_halted_shows_banner_with_reason(
+    live_settings, tiny_engine, redis_client, browser
+):
+    from selenium.webdriver.common.by import By
+
+    registry = seed_redis(redis_client, live_settings)
+    registry.rollback(to="v31", reason="auto: collapse guard tripped: majority ratio 1.000")
+    registry.halt(
+        PromotionHalt(version="v32", rolled_back_to="v31", reason="majority ratio 1.000 >= 0.95")
+    )
+    with ServerThread(live_settings, tiny_engine) as server:
+        browser.get(server.url + "/dashboard")
+        browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+        banner = wait_for(
+            lambda: (e := browser.find_element(By.ID, "halted")).is_displayed() and e,
+            what="the halted banner",
+        )
+        assert banner.text.startswith("promotion halted: majority ratio 1.000 >= 0.95")
+        assert "rolled v32 back to v31" in banner.text and "strop adapters resume" in banner.text
+        events = browser.find_element(By.ID, "events").text
+        assert "halted" in events
+
+        registry.resume()  # the next poll hides it
+        wait_for(
+            lambda: not browser.find_element(By.ID, "halted").is_displayed(),
+            what="the banner to go",
+        )
+        errors = [
+            e["message"]
+            for e in browser.get_log("browser")
+            if e["level"] == "SEVERE" and "401" not in e["message"]
+        ]
+        assert errors == []
