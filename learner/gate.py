@@ -7,21 +7,28 @@ user prompts,
    `kl_limit`;
 3. with a canary set (`STROP_CANARY_FILE`, labeled), its greedy accuracy there is at most
    `canary_tolerance` below the parent's;
+   without one, a label-free check takes its place (vote agreement, TTRL's majority as
+   the label): the parent samples `vote_n` answers to each probe prompt and their
+   majority answer is the prompt's pseudo-label; the candidate's greedy answers must
+   match those labels on at most `vote_tolerance` fewer prompts than the parent's own
+   greedy answers do (see `vote_verdict` for why a count of prompts, and its figures);
 4. its self-reward has not dropped: the parent, as judge (the same judge for both sides,
    and not the candidate grading itself), scores the candidate's and the parent's greedy
    answers with the judge rubric (judge/llm_score.py, K=1); the candidate's mean may be at
    most `reward_tolerance` below the parent's. When no judgment of one side parses there
    is no evidence either way, and the check is skipped (recorded as `gate/reward_skipped`).
 
-Every generation (both sides' greedy answers, the parent's judgments) is an internal
-request to the service, which serves the candidate to it pinned before any user can reach
-it (learner/serving.py); the learner computes only what needs its own weights: the KL.
-Generations are greedy and short, so the gate is deterministic and cheap.
+Every generation (both sides' greedy answers, the parent's judgments and votes) is an
+internal request to the service, which serves the candidate to it pinned before any user
+can reach it (learner/serving.py); the learner computes only what needs its own weights:
+the KL. Generations are short; all but the parent's votes are greedy (the votes are
+sampled, so the vote labels, and only they, vary from one run of the gate to the next).
 """
 
+import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,28 +65,67 @@ class GateResult:
     passed: bool
     reason: str | None
     metrics: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Checks that passed without evidence, and why (e.g. too few voted prompts)."""
 
     def record(self) -> dict:
         """What goes into a version's metadata and the registry."""
-        return {"passed": self.passed, "reason": self.reason, **self.metrics}
+        notes = {"notes": list(self.notes)} if self.notes else {}
+        return {"passed": self.passed, "reason": self.reason, **self.metrics, **notes}
 
 
-def probe_prompts(r: redis.Redis, keys: Keys, size: int, scan: int = 500) -> list[str]:
-    """The last `size` distinct user prompts of the prompt log, newest first; the built-in
-    prompts when the log is empty."""
+def last_user_text(messages: Sequence[dict]) -> str | None:
+    users = [m.get("content") for m in messages if m.get("role") == "user"]
+    text = users[-1] if users else None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def probe_prompts(
+    r: redis.Redis, keys: Keys, size: int, scan: int = 500, exclude: Collection[str] = ()
+) -> list[str]:
+    """The last `size` distinct user prompts of the prompt log, newest first, leaving out
+    `exclude` (the prompts the candidate trained on, `trained_prompts`: a check on them
+    would flatter it); the built-in prompts when the log has none left.
+
+    Even without `exclude` the newest prompts are mostly held back already: the worker
+    builds groups behind the log and the learner trains behind the worker, so a candidate
+    has rarely consumed the last prompts logged. Where traffic is sparse it may have (all
+    of a short log trained on), and `exclude` makes sure."""
     found: list[str] = []
     for _, fields in r.xrevrange(keys.prompt_log, count=scan):
         try:
             record = PromptLogRecord.from_stream(fields)
         except ValueError:
             continue
-        users = [m.get("content") for m in record.messages if m.get("role") == "user"]
-        text = users[-1] if users else None
-        if isinstance(text, str) and text.strip() and text not in found:
+        text = last_user_text(record.messages)
+        if text is not None and text not in found and text not in exclude:
             found.append(text)
         if len(found) >= size:
             break
     return found or BUILTIN_PROMPTS[:size]
+
+
+def trained_prompts(r: redis.Redis, consumed: dict[str, list[str]]) -> set[str]:
+    """The user prompts of the records a version consumed (its metadata's `consumed`:
+    stream -> ids of groups or pairs), read back from their streams: what `probe_prompts`
+    holds back from its gate. One round trip; records already trimmed from a capped
+    stream are missed, but those are the oldest, and the probe takes the newest prompts."""
+    pipe = r.pipeline(transaction=False)
+    for stream, ids in consumed.items():
+        for i in ids:
+            pipe.xrange(stream, min=i, max=i, count=1)
+    found: set[str] = set()
+    for entries in pipe.execute():
+        for _, fields in entries:
+            raw = fields.get("data", fields.get(b"data"))
+            try:
+                messages = json.loads(raw)["messages"]
+            except (TypeError, ValueError, KeyError):
+                continue
+            text = last_user_text(messages) if isinstance(messages, list) else None
+            if text is not None:
+                found.add(text)
+    return found
 
 
 def weights_finite(path: Path) -> bool:
@@ -137,6 +183,44 @@ def canary_accuracy(
     return sum(right) / len(canary)
 
 
+def vote_labels(prompts: Sequence[str], samples: Sequence[Sequence[str]]) -> list[str | None]:
+    """The parent's majority answer to each prompt (TTRL's pseudo-label), voted from its
+    sampled answers `samples` as the worker votes (stated results where the group states
+    any, judge/equation.py, else extracted final answers); None where the vote says
+    nothing: the worker would not vote there (too few answers carry one,
+    `judge.choose_method`), the top answers tie, or fewer than 2 samples agree. (Not the
+    worker's `min_majority_ratio`: a label here only has to be the parent's likeliest
+    answer, and both sides are measured against the same labels; with SmolLM2-135M the
+    label of a prompt with at least 2 agreeing samples out of 8 is right for 82% of
+    prompts, judge/equation.py.)"""
+    from judge import choose_method, extract_answers, majority_vote, vote_answers
+
+    labels: list[str | None] = []
+    for prompt, texts in zip(prompts, samples, strict=True):
+        texts = list(texts)
+        if choose_method(texts, prompt=prompt) != "ttrl":
+            labels.append(None)
+            continue
+        vote = majority_vote(vote_answers(texts, prompt, extract_answers(texts)))
+        labels.append(None if vote.tie or vote.majority_count < 2 else vote.label)
+    return labels
+
+
+def agrees(
+    prompts: Sequence[str], labels: Sequence[str | None], answers: Sequence[str]
+) -> list[bool]:
+    """For each prompt with a label, whether the answer to it votes for the label (its
+    stated result if it states one, else its extracted final answer)."""
+    from judge import extract_answer, same_answer, vote_answers
+
+    out = []
+    for prompt, label, text in zip(prompts, labels, answers, strict=True):
+        if label is not None:
+            answer = vote_answers([text], prompt, [extract_answer(text)])[0]
+            out.append(answer is not None and same_answer(answer, label))
+    return out
+
+
 def judge_scores(
     client: openai.OpenAI,
     judge: str,
@@ -176,10 +260,14 @@ def run_gate(
     canary: Sequence[LabeledQuestion] = (),
     canary_tolerance: float = 0.05,
     canary_tokens: int = 64,
+    vote_n: int = 16,
+    vote_tolerance: int = 1,
+    vote_min_prompts: int = 3,
 ) -> GateResult:
     """Check `candidate_version` (registered, on disk at `candidate_path`, and loaded in
     `policy` as adapter `candidate`) against `parent` (`base` or vN). Answers and judgments
-    come from the service (`client`); raises ServiceUnavailable when it cannot answer."""
+    come from the service (`client`); raises ServiceUnavailable when it cannot answer.
+    Without a `canary`, the label-free vote check runs instead (`vote_verdict`)."""
     from judge.llm_score import mean_score
 
     start = time.perf_counter()
@@ -199,12 +287,16 @@ def run_gate(
     messages = [[{"role": "user", "content": p}] for p in prompts]
     m["gate/probe_prompts"] = float(len(prompts))
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        # --- 2. both sides' greedy answers, asked at once (the engine batches them) ---
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        # --- 2. both sides' greedy answers, asked at once (the engine batches them), and,
+        # with no canary to check against, the parent's sampled votes (T=1, as TTRL's) ---
         asked = {
             v: pool.submit(ask, client, v, messages, max_tokens)
             for v in (parent, candidate_version)
         }
+        voted = (
+            None if canary else pool.submit(ask, client, parent, messages, max_tokens, 1.0, vote_n)
+        )
         parent_answers = [a[0] for a in asked[parent].result()]
         candidate_answers = [a[0].text for a in asked[candidate_version].result()]
 
@@ -222,6 +314,7 @@ def run_gate(
         kl = mean_kl(policy, candidate, parent, messages, parent_ids, max_len)
         m["gate/kl"] = kl
         both = judged.result()
+        votes = [[a.text for a in v] for v in voted.result()] if voted else []
 
     # --- 4. the labeled canary, if there is one: both sides, greedy ---
     if canary:
@@ -233,6 +326,16 @@ def run_gate(
             accuracy[parent],
             accuracy[candidate_version],
         )
+    # --- ... or, label-free: both sides' greedy answers against the parent's majority vote
+    else:
+        labels = vote_labels(prompts, votes)
+        parent_agree = agrees(prompts, labels, [a.text for a in parent_answers])
+        candidate_agree = agrees(prompts, labels, candidate_answers)
+        n_voted = len(parent_agree)
+        m["gate/vote_prompts"] = float(n_voted)
+        if n_voted:
+            m["gate/vote_parent"] = sum(parent_agree) / n_voted
+            m["gate/vote_candidate"] = sum(candidate_agree) / n_voted
 
     cand_scores, parent_scores = both[: len(prompts)], both[len(prompts) :]
     cand_mean, parent_mean = mean_score(cand_scores), mean_score(parent_scores)
@@ -252,7 +355,20 @@ def run_gate(
         reason = canary_verdict(
             m["gate/canary_parent"], m["gate/canary_candidate"], canary_tolerance
         )
-    return GateResult(reason is None, reason, m)
+    notes: list[str] = []
+    if not canary:
+        vote_reason, skipped_because = vote_verdict(
+            n_voted,
+            sum(parent_agree),
+            sum(candidate_agree),
+            vote_tolerance,
+            vote_min_prompts,
+            parent,
+        )
+        m["gate/vote_skipped"] = float(skipped_because is not None)
+        notes += [skipped_because] if skipped_because else []
+        reason = reason or vote_reason
+    return GateResult(reason is None, reason, m, notes)
 
 
 def verdict(
@@ -288,3 +404,51 @@ def canary_verdict(
             f"{candidate_accuracy:.3f}) > tolerance {tolerance}"
         )
     return None
+
+
+def vote_verdict(
+    voted: int,
+    parent_agree: int,
+    candidate_agree: int,
+    tolerance: int,
+    min_prompts: int,
+    parent: str = "parent",
+) -> tuple[str | None, str | None]:
+    """The label-free check: (why the candidate fails, or None; why the check was
+    skipped, or None).
+
+    Of the `voted` probe prompts that have a majority label (`vote_labels`), the parent's
+    greedy answer matches it on `parent_agree`, the candidate's on `candidate_agree`. The
+    candidate fails if it matches on more than `tolerance` prompts fewer. The parent's
+    own greedy rate is the bar, not 100%: a greedy answer and a T=1 majority differ now
+    and then even for one model.
+
+    Why a count of prompts, not a fraction: the probe holds `gate_probe_size` prompts (8
+    by default) and only some get a label, so a rate moves in steps of 1/voted (a third
+    with 3 voted prompts, a fifth with 5): a tolerance of 0.1 would mean "none" on any
+    probe this small, and what a fraction forgives would change with the number of
+    labeled prompts. With fewer than `min_prompts` labeled prompts the check passes, with
+    the note "too few voted prompts": no evidence is not a regression (the KL and
+    self-reward checks still run).
+
+    Figures, SmolLM2-135M as parent, 10 "What is a + b?" prompts, 32-token answers, three
+    draws of 16 votes: 5-8 prompts got a label, and base's greedy answers matched 4, 4, 3
+    of them. Random LoRAs on it (tests/service/harness.py `make_adapter`) matched, draw by
+    draw: x0.25 (answers barely changed) 4, 3, 3; x0.5: 3, 2, 3; x1 (visibly worse,
+    "4 + 4 = 4"): 2, 2, 3; x8 (noise): 0, 0, 0. So tolerance 1 refuses the noise every
+    time, the x1 adapter 2 times of 3, x0.5 once, x0.25 never; tolerance 0 would also
+    refuse the near-copy x0.25 once in 3. With 8 votes instead of 16 fewer prompts get a label (4-6
+    of 10) and base matches fewer (1-3), and the noise adapter passed 2 draws of 6:
+    hence 16 votes by default.
+    """
+    need = max(min_prompts, 1)
+    if voted < need:
+        return None, f"vote check skipped: too few voted prompts ({voted} < {need})"
+    drop = parent_agree - candidate_agree
+    if drop > tolerance:
+        return (
+            f"vote agreement dropped by {drop} prompts: {candidate_agree}/{voted} of the "
+            f"candidate's greedy answers match {parent}'s majority vote, {parent_agree}/"
+            f"{voted} of {parent}'s own (tolerance {tolerance})"
+        ), None
+    return None, None

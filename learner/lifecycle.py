@@ -1,6 +1,9 @@
 """A version's life around training: started from the promoted version, saved, gated, then
 promoted or rejected; and, on start, whatever a crash left half done.
 
+While the collapse guard has halted promotion (learner/collapse.py), `decide` rejects every
+version without gating it, with the guard's reason, until an operator resumes.
+
 Crash safety. Records stay pending in the consumer group until the version trained on them
 is on disk, and the consumer name is stable, so a learner killed at any moment re-reads
 them after a restart. On start, `reconcile` finishes what a crash interrupted: temporary
@@ -20,13 +23,13 @@ import redis
 
 from learner.args import Args
 from learner.feed import Feed
-from learner.gate import GateResult, probe_prompts, run_gate
+from learner.gate import GateResult, probe_prompts, run_gate, trained_prompts
 from learner.metrics import LearnerMetrics
 from learner.policy import Policy
 from learner.serving import ServiceUnavailable
 from strop.adapters import AdapterStore
 from strop.labeled import read_jsonl
-from strop.records import AdapterVersion, Keys
+from strop.records import AdapterVersion, Keys, PromotionHalt
 from strop.registry import Registry
 from strop.versions import BASE
 
@@ -137,7 +140,10 @@ class Lifecycle:
         if "passed" not in meta.gate:
             self.report(phase="gating", version=meta.version)
             pointer = self.registry.promoted() or BASE
-            if pointer != meta.parent:
+            halt = self.registry.halted()
+            if halt is not None:  # no gate run: nothing is promoted until an operator resumes
+                result = GateResult(False, halted_reason(halt))
+            elif pointer != meta.parent:
                 result = GateResult(
                     False, f"parent {meta.parent} is no longer promoted ({pointer} is)"
                 )
@@ -160,6 +166,10 @@ class Lifecycle:
         if meta.status == "promoted" and (self.registry.promoted() or BASE) != meta.parent:
             meta.status = "rejected"
             meta.reason = f"parent {meta.parent} was replaced while {meta.version} was gated"
+            self.store.update(meta)
+        if meta.status == "promoted" and (halt := self.registry.halted()) is not None:
+            meta.status = "rejected"  # the guard tripped while it was gated (or before a crash)
+            meta.reason = halted_reason(halt)
             self.store.update(meta)
         self.metrics.versions.labels(meta.status).inc()
         if "gate/kl" in meta.gate:
@@ -185,7 +195,12 @@ class Lifecycle:
                     meta.version,
                     meta.parent,
                     self.store.path(meta.version),
-                    probe_prompts(self.r, self.keys, a.gate_probe_size),
+                    probe_prompts(
+                        self.r,
+                        self.keys,
+                        a.gate_probe_size,
+                        exclude=trained_prompts(self.r, meta.consumed),
+                    ),
                     kl_limit=a.gate_kl_limit,
                     reward_tolerance=a.gate_reward_tolerance,
                     max_tokens=a.gate_max_tokens,
@@ -193,6 +208,9 @@ class Lifecycle:
                     max_len=a.max_len,
                     canary=self.canary,
                     canary_tolerance=a.canary_tolerance,
+                    vote_n=a.gate_vote_n,
+                    vote_tolerance=a.gate_vote_tolerance,
+                    vote_min_prompts=a.gate_vote_min_prompts,
                 )
             except ServiceUnavailable as e:
                 log.warning("gate of %s waits for the service: %s", meta.version, e)
@@ -200,6 +218,14 @@ class Lifecycle:
                 if self.stop.wait(wait):
                     return None
                 wait = min(2 * wait, 30.0)
+
+
+def halted_reason(halt: PromotionHalt) -> str:
+    """Why a version is not promoted while promotion is halted."""
+    return (
+        f"collapse guard tripped: {halt.reason} (on {halt.version}; promotion halted until "
+        "`strop adapters resume`)"
+    )
 
 
 def _brief(gate: dict) -> str:

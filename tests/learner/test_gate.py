@@ -10,7 +10,16 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from learner.gate import BUILTIN_PROMPTS, probe_prompts, run_gate, verdict
+from learner.gate import (
+    BUILTIN_PROMPTS,
+    agrees,
+    probe_prompts,
+    run_gate,
+    trained_prompts,
+    verdict,
+    vote_labels,
+    vote_verdict,
+)
 from learner.policy import Policy
 from learner.serving import connect_service
 from strop.adapters import AdapterStore
@@ -19,7 +28,7 @@ from strop.model import load_model
 from strop.records import AdapterVersion, Keys, PromptLogRecord, SamplingRecord
 from strop.registry import Registry
 from tests.conftest import MODEL_CACHE
-from tests.learner.harness import service_settings
+from tests.learner.harness import group, pair, service_settings
 from tests.service.harness import ServerThread, make_adapter
 
 PROMPTS = ["What is 2 + 2?", "Name a colour."]
@@ -66,6 +75,11 @@ def test_gate_candidate_equal_to_parent_passes_with_zero_kl(
     assert result.metrics["gate/kl"] == pytest.approx(0.0, abs=1e-6)
     assert result.metrics["gate/finite"] == 1.0
     assert result.metrics["gate/probe_prompts"] == 2.0
+    # no canary: the label-free vote check ran, but the tiny model's gibberish has no
+    # majority answer anywhere, so it passed for want of evidence, and says so
+    assert result.metrics["gate/vote_prompts"] == 0.0
+    assert result.metrics["gate/vote_skipped"] == 1.0
+    assert result.record()["notes"] == ["vote check skipped: too few voted prompts (0 < 3)"]
 
 
 def test_gate_candidate_far_from_parent_rejected_on_kl(policy, service, tiny_model_dir):
@@ -111,6 +125,88 @@ def test_gate_verdict_reward_drop_beyond_tolerance_fails():
     # unjudged (no parseable score on one side): no evidence of a drop
     assert verdict(0.01, None, 3.5, kl_limit=0.1, reward_tolerance=0.6) is None
     assert verdict(float("nan"), 3.0, 3.0, kl_limit=0.1, reward_tolerance=0.6) is not None
+
+
+def test_vote_verdict_drop_beyond_tolerance_in_prompts_fails():
+    # 5 prompts with a label; the parent's greedy answers match 4 of them
+    assert vote_verdict(5, 4, 3, tolerance=1, min_prompts=3) == (None, None)
+    reason, skipped = vote_verdict(5, 4, 2, tolerance=1, min_prompts=3, parent="v3")
+    assert skipped is None
+    assert reason == (
+        "vote agreement dropped by 2 prompts: 2/5 of the candidate's greedy answers match "
+        "v3's majority vote, 4/5 of v3's own (tolerance 1)"
+    )
+    # a candidate that matches more often than its parent is never refused
+    assert vote_verdict(5, 1, 5, tolerance=0, min_prompts=3) == (None, None)
+
+
+def test_vote_verdict_too_few_voted_prompts_passes_with_note():
+    # even a candidate that matches nothing: two labels are not evidence enough
+    assert vote_verdict(2, 2, 0, tolerance=1, min_prompts=3) == (
+        None,
+        "vote check skipped: too few voted prompts (2 < 3)",
+    )
+
+
+def test_vote_labels_tie_weak_or_chatty_votes_have_no_label():
+    q = "What is 2 + 3?"
+    labels = vote_labels(
+        [q, q, q, "Write a haiku about the sea."],
+        [
+            ["2 + 3 = 5", "2 + 3 = 5.", "So 2 + 3 = 6", "The answer is 5."],  # 5 wins
+            ["2 + 3 = 5", "2 + 3 = 6", "2 + 3 = 5", "2 + 3 = 6"],  # tie
+            ["2 + 3 = 5", "hmm"],  # a "majority" of one sample
+            ["Waves roll in 3 lines", "Sea of 5 winds", "Blue 7", "Salt 3"],  # not a vote
+        ],
+    )
+    assert labels == ["5", None, None, None]
+    # a greedy answer agrees when it says the label, as the vote reads it
+    greedy = ["2 + 3 = 5. Then add 4 more.", "2 + 3 = 5", "The answer is 6.", "Waves"]
+    assert agrees([q, q, q, q], ["5", None, "5", "5"], greedy) == [True, False, False]
+
+
+def test_probe_prompts_candidates_trained_prompts_held_back(redis_client, redis_prefix):
+    keys = Keys(redis_prefix)
+    for text in ["What is 1 + 1?", "Question number 1?", "What is 2 + 2?", "fresh"]:
+        record = PromptLogRecord(
+            request_id=text,
+            messages=[{"role": "user", "content": text}],
+            sampling=SamplingRecord(),
+            responses=["x"],
+            model="strop",
+            version="base",
+            prompt_tokens=3,
+            completion_tokens=1,
+            latency_ms=1.0,
+            key_id="k",
+        )
+        redis_client.xadd(keys.prompt_log, record.to_stream())
+    # the candidate consumed one pair and one group (and a record trimmed since)
+    consumed = {
+        keys.pairs: [redis_client.xadd(keys.pairs, pair(1).to_stream())],
+        keys.groups: [redis_client.xadd(keys.groups, group(1, "base").to_stream()), "1-0"],
+    }
+    redis_client.xadd(keys.groups, group(2, "base").to_stream())  # not consumed by it
+
+    trained = trained_prompts(redis_client, consumed)
+
+    assert trained == {"Question number 1?", "What is 1 + 1?"}
+    assert probe_prompts(redis_client, keys, 8, exclude=trained) == ["fresh", "What is 2 + 2?"]
+
+
+def test_decide_without_canary_vote_figures_reach_the_registry(make_learner):
+    learner = make_learner()
+    learner.start()
+    meta = AdapterVersion(version="v1", parent="base", path="", algorithm="dpo")
+    learner.store.write(meta, learner.policy.save)
+    learner.registry.add(meta)
+
+    learner.lifecycle.decide(meta, candidate="default")
+
+    gate = learner.registry.get("v1").gate
+    assert gate["gate/vote_prompts"] == 0.0 and gate["gate/vote_skipped"] == 1.0
+    assert gate["notes"] == ["vote check skipped: too few voted prompts (0 < 3)"]
+    assert learner.registry.get("v1").status == "promoted"
 
 
 def test_probe_prompts_latest_distinct_user_prompts_or_builtin(redis_client, redis_prefix):
@@ -217,3 +313,53 @@ def test_gate_damaged_adapter_fails_canary_undamaged_passes(
     assert not bad.passed and bad.reason.startswith("canary accuracy dropped")
     assert good.passed, good.reason
     assert good.metrics["gate/canary_candidate"] == good.metrics["gate/canary_parent"]
+
+
+# --- the label-free vote check, on the real default model -------------------------------------
+
+# Eight questions, as many as the default probe: six whose samples SmolLM2-135M agrees on
+# and whose greedy answer says the same (its vote and greedy answer matched on each, in two
+# draws of 16 votes), and two it is unsure of. No canary is configured.
+VOTE_PROMPTS = [
+    f"What is {a} + {b}?"
+    for a, b in ((1, 1), (1, 2), (1, 4), (2, 3), (4, 2), (1, 8), (3, 6), (4, 5))
+]
+VOTE_GATE = dict(kl_limit=1e9, reward_tolerance=10.0, max_tokens=32, judge_tokens=4)
+
+
+@pytest.mark.slow
+def test_gate_no_canary_damaged_adapter_refused_on_vote_agreement_undamaged_passes(
+    default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
+):
+    model, tokenizer = load_model(str(default_model_dir), MODEL_CACHE, "cpu")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    policy = Policy(model, tokenizer, AdapterStore(tmp_path / "adapters"), lora)
+    registry = Registry(redis_client, Keys(redis_prefix))
+    settings = service_settings(default_model_dir, redis_prefix, tmp_path / "adapters")
+    # v1: large random LoRA weights, the model's answers turn to noise
+    damaged = AdapterVersion(version="v1", parent="base", path="")
+    policy.store.write(damaged, lambda tmp: make_adapter(tmp, default_model_dir, seed=1, scale=8.0))
+    registry.add(damaged)
+    # v2: a fresh LoRA (B = 0), the base model's answers exactly
+    path2 = _register_candidate(policy, redis_client, redis_prefix, "v2", parent="base")
+
+    with ServerThread(settings.model_copy(update={"max_context": None}), smol_engine) as server:
+        # 16 samples per prompt: about 40 s a gate here, but ten times that on a busy CPU
+        client = connect_service(server.url, None, timeout_s=900)
+        bad = run_gate(
+            policy, client, "v1", "v1", "base", policy.store.path("v1"), VOTE_PROMPTS, **VOTE_GATE
+        )
+        good = run_gate(policy, client, "default", "v2", "base", path2, VOTE_PROMPTS, **VOTE_GATE)
+    print(f"vote agreement, base -> damaged v1: {bad.record()}")
+    print(f"vote agreement, base -> undamaged v2: {good.record()}")
+
+    # the KL and self-reward checks cannot refuse here: the vote check alone does
+    assert bad.metrics["gate/vote_prompts"] >= 3, "base must reach a clear majority on some"
+    assert bad.metrics["gate/vote_parent"] > 0.3
+    assert bad.metrics["gate/vote_candidate"] == 0.0
+    assert not bad.passed and bad.reason.startswith("vote agreement dropped by ")
+    assert "of base's own (tolerance 1)" in bad.reason
+    assert {"gate/vote_parent", "gate/vote_candidate"} <= bad.record().keys()
+    assert good.passed, good.reason
+    assert good.metrics["gate/vote_prompts"] >= 3
+    assert good.metrics["gate/vote_candidate"] == good.metrics["gate/vote_parent"]
