@@ -85,6 +85,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--held-out", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trl-save-minutes", type=float, default=10.0)
+    p.add_argument(
+        "--eval-max",
+        type=int,
+        default=0,
+        help="score at most this many versions per arm, evenly spaced, the last always "
+        "(0: every version; each costs 1-2 minutes on 2 cores)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning.json")
     p.add_argument(
         "--set",
@@ -266,6 +273,15 @@ def run_trl_arm(env: dict, stream: list[LabeledQuestion], minutes: float, save_m
 
 
 # --- scoring every version on the held-out set ------------------------------------------------
+
+
+def spaced(versions: list[dict], most: int) -> list[dict]:
+    """At most `most` of the versions, evenly spaced in time, the latest always (0: all)."""
+    if not most or len(versions) <= most:
+        return versions
+    step = (len(versions) - 1) / (most - 1) if most > 1 else 0
+    picks = sorted({round(len(versions) - 1 - i * step) for i in range(most)})
+    return [versions[i] for i in picks]
 
 
 def evaluate(env: dict, arm: dict, held: list[LabeledQuestion]) -> list[dict]:
@@ -482,6 +498,8 @@ def main() -> None:
             f"[{arm}] scoring {len(res['versions'])} versions on {len(held)} held-out questions",
             flush=True,
         )
+        res["scored_of"] = len(res["versions"])
+        res["versions"] = spaced(res["versions"], args.eval_max)
         res["rows"] = evaluate(env, res, held)
         results[arm] = res
         r = connect(Settings().redis_url)

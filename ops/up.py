@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import redis
 
 from strop.connection import connect
-from strop.settings import Settings
+from strop.settings import PROFILES, Settings
 
 STOP_GRACE_S = 15.0  # how long a child gets to stop after SIGTERM before SIGKILL
 COLORS = {"redis": 31, "service": 32, "worker": 33, "learner": 35}
@@ -129,6 +129,18 @@ def ensure_redis(url: str) -> Child | None:
     raise UpError("redis-server did not start; see its lines above")
 
 
+def profile_line(settings: Settings) -> str:
+    """The profile chosen and the values it sizes, as the settings hold them (a value given
+    by its own STROP_ variable shows as given)."""
+    names = ["n_votes", "n_train", "sample_max_tokens", "algorithm", "batch_size"]
+    names += ["steps_per_version", "learning_rate"]
+    names += [n for n in PROFILES[settings.profile] if n not in names]
+    values = ", ".join(f"{n}={getattr(settings, n)}" for n in names)
+    return (
+        f"profile {settings.profile} (STROP_PROFILE; each value its own STROP_ variable): {values}"
+    )
+
+
 def plan(settings: Settings) -> list[Child]:
     """The service, the worker (with beat) and the learner, sharing these settings."""
     env = dict(os.environ)
@@ -137,6 +149,7 @@ def plan(settings: Settings) -> list[Child]:
     if settings.api_keys and not settings.service_api_key:
         env["STROP_SERVICE_API_KEY"] = settings.api_keys[0]
     env["PYTHONUNBUFFERED"] = "1"
+    env["STROP_PROFILE"] = settings.profile  # resolved once: every child sizes alike
     # The service and the learner both run torch; with one thread per core each they
     # oversubscribe a small machine and every step slows several-fold. Split the cores.
     if not settings.torch_threads:
@@ -157,6 +170,7 @@ def run(settings: Settings) -> int:
         default_model_dir(settings.model_cache_dir)  # convert once, before three processes race
     else:
         resolve_model_dir(settings.model, settings.model_cache_dir)
+    say(profile_line(settings))
     redis_child = ensure_redis(settings.redis_url)
     children = plan(settings)
     stopping = threading.Event()

@@ -5,11 +5,13 @@ values it needs down as arguments; `judge/` and `learner/losses/` never import t
 The README's configuration table lists each field.
 """
 
+import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -17,6 +19,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STROP_", env_file=".env", extra="ignore", use_attribute_docstrings=True
     )
+
+    # --- hardware profile ---------------------------------------------------------------
+    profile: Literal["auto", "small-cpu", "cpu", "gpu"] = "auto"
+    """Sizes of the loop for the machine (PROFILES below): `auto` picks `gpu` where an
+    NVIDIA GPU is visible, else `small-cpu` up to 4 CPU cores, else `cpu`. A setting given
+    by its own `STROP_` variable always wins over the profile."""
 
     # --- stores -------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -98,7 +106,7 @@ class Settings(BaseSettings):
     """Temperature of the worker's sampled answers."""
     sample_max_tokens: int = 256
     """Length limit of the worker's sampled answers."""
-    min_majority_ratio: float = 0.3
+    min_majority_ratio: float = 0.25
     """Groups whose majority answer has a smaller share are dropped (weak majority)."""
     pair_min_margin: float = 0.5
     """Smallest reward gap between chosen and rejected."""
@@ -130,13 +138,13 @@ class Settings(BaseSettings):
     """Cap of the groups and pairs streams."""
 
     # --- learner ------------------------------------------------------------------------
-    algorithm: Literal["dpo", "grpo"] = "dpo"
+    algorithm: Literal["dpo", "grpo"] = "grpo"
     """`dpo` trains on preference pairs, `grpo` on scored groups."""
     batch_size: int = 8
     """Records (pairs or groups) per training batch."""
     steps_per_version: int = 8
     """Optimizer steps before a new version is written."""
-    learning_rate: float = 5e-5
+    learning_rate: float = 2e-4
     """AdamW learning rate of the LoRA weights."""
     lora_rank: int = 8
     """LoRA rank r of a new adapter (a promoted adapter keeps its own)."""
@@ -169,17 +177,52 @@ class Settings(BaseSettings):
     accuracy (greedy) drops more than STROP_CANARY_TOLERANCE below its parent's."""
     canary_tolerance: float = 0.05
     """Largest allowed drop in canary accuracy, candidate vs parent (a fraction)."""
+    gate_vote_n: int = 16
+    """Without a canary, the gate's label-free check: answers the parent samples (T=1) to
+    each probe prompt; their majority is the prompt's label (at most STROP_MAX_N)."""
+    gate_vote_tolerance: int = 1
+    """Largest allowed drop, in probe prompts (a count, not a fraction: see learner/gate.py
+    `vote_verdict`), in how many labels the candidate's greedy answers match, vs the
+    parent's own greedy answers."""
+    gate_vote_min_prompts: int = 3
+    """Probe prompts with a clear majority label the vote check needs; with fewer it passes,
+    noted "too few voted prompts"."""
     rollback_window_s: float = 600.0
     """After a promotion, how long live rewards are watched for a drop."""
     rollback_margin: float = 0.15
     """A new version whose live mean reward is lower than its predecessor's by more is rolled back."""
     rollback_min_samples: int = 20
     """Rewards needed from each version before the rollback check decides."""
+    collapse_min_groups: int = 30
+    """Groups the promoted version must have sampled (and its last good version, for the
+    length check) before the collapse guard decides."""
+    collapse_majority_ratio: float = 0.95
+    """The collapse guard trips when the mean TTRL majority ratio is at least this while the
+    mean answer entropy is at most STROP_COLLAPSE_ANSWER_ENTROPY (every sample agrees)."""
+    collapse_answer_entropy: float = 0.1
+    """Mean normalized entropy of the voted answers (0 = all agree, 1 = all differ) at or
+    below which, with the majority ratio above, the collapse guard trips."""
+    collapse_length_factor: float = 3.0
+    """The collapse guard trips when the mean answer length falls below 1/factor, or grows
+    above factor times, the last good version's."""
+    collapse_window_s: float = 3600.0
+    """The collapse guard reads the promoted version's groups of this long a window (since
+    its promotion), and the last good version's of this long before that promotion."""
     learner_metrics_port: int = 9102
     """Port of the learner's Prometheus metrics (0 = off)."""
 
     log_level: str = "INFO"
     """Level of strop's own log lines (libraries only warn)."""
+
+    @model_validator(mode="after")
+    def _apply_profile(self) -> "Settings":
+        # the profile fills in what was not given explicitly, and records which it was
+        chosen = detect_profile(self.device) if self.profile == "auto" else self.profile
+        for name, value in PROFILES[chosen].items():
+            if name not in self.model_fields_set:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "profile", chosen)
+        return self
 
     @field_validator("api_keys", "lora_target_modules", mode="before")
     @classmethod
@@ -187,6 +230,35 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+
+# What each profile changes from the defaults above (the `gpu` sizes). Sized on 2 CPU
+# cores with SmolLM2-135M so the first version comes within 10 minutes of `strop demo`
+# traffic (bench/README.md, "Learning").
+PROFILES: dict[str, dict[str, Any]] = {
+    "gpu": {},
+    "cpu": {"n_votes": 8, "sample_max_tokens": 128, "batch_size": 8, "steps_per_version": 4},
+    "small-cpu": {
+        "n_votes": 8,
+        "sample_max_tokens": 96,
+        "batch_size": 4,
+        "steps_per_version": 4,
+        "ingest_interval_s": 2.0,
+        "gate_vote_n": 8,
+    },
+}
+
+
+def detect_profile(device: str = "auto") -> str:
+    """The profile `auto` stands for on this machine."""
+    gpu = device == "cuda" or (
+        device == "auto"
+        and (Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None)
+    )
+    if gpu:
+        return "gpu"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return "small-cpu" if (cores or 1) <= 4 else "cpu"
 
 
 @lru_cache
