@@ -34,8 +34,8 @@ def test_args_unknown_name_raises_attribute_error():
 
 
 def test_args_hyperparameters_only_the_algorithms_own():
-    dpo = Args(Settings(algorithm="dpo")).hyperparameters()
-    grpo = Args(Settings(algorithm="grpo")).hyperparameters()
+    dpo = Args(Settings(algorithm="dpo", profile="gpu")).hyperparameters()
+    grpo = Args(Settings(algorithm="grpo", profile="gpu")).hyperparameters()
 
     assert dpo["dpo_beta"] == 0.1 and "grpo_clip" not in dpo
     assert grpo["grpo_clip"] == 0.2 and "dpo_beta" not in grpo
