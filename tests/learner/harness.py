@@ -13,6 +13,7 @@ from tests.service.harness import ServerThread
 # A gate that runs every check but cannot fail on the tiny model's noise: its logits are
 # nearly flat (KL stays tiny) and its gibberish never parses as a score (reward skipped).
 QUICK = dict(
+    algorithm="dpo",  # the tests write pairs
     batch_size=2,
     steps_per_version=1,
     learning_rate=1e-3,
