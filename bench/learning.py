@@ -48,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/learner.py must not hide learner/
 
 import openai  # noqa: E402
 from gate import free_port, wait_healthy  # noqa: E402  (the gate bench's: one way)
