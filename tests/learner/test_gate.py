@@ -263,21 +263,29 @@ def smol_engine(default_model_dir):
     return start_engine(EmbeddedEngine(str(default_model_dir), MODEL_CACHE, device="cpu"))
 
 
-@pytest.mark.slow
-def test_gate_damaged_adapter_fails_canary_undamaged_passes(
-    default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
-):
+def _damaged_v1_and_fresh_v2(default_model_dir, redis_client, redis_prefix, tmp_path):
+    """A policy on the default model with two registered versions of base: v1 damaged,
+    v2 a fresh LoRA; returns (policy, the service's settings, v2's path)."""
     model, tokenizer = load_model(str(default_model_dir), MODEL_CACHE, "cpu")
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     policy = Policy(model, tokenizer, AdapterStore(tmp_path / "adapters"), lora)
     registry = Registry(redis_client, Keys(redis_prefix))
-    settings = service_settings(default_model_dir, redis_prefix, tmp_path / "adapters")
     # v1: large random LoRA weights, the model's answers turn to noise
     damaged = AdapterVersion(version="v1", parent="base", path="")
     policy.store.write(damaged, lambda tmp: make_adapter(tmp, default_model_dir, seed=1, scale=8.0))
     registry.add(damaged)
     # v2: a fresh LoRA (B = 0), the base model's answers exactly
     path2 = _register_candidate(policy, redis_client, redis_prefix, "v2", parent="base")
+    return policy, service_settings(default_model_dir, redis_prefix, tmp_path / "adapters"), path2
+
+
+@pytest.mark.slow
+def test_gate_damaged_adapter_fails_canary_undamaged_passes(
+    default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
+):
+    policy, settings, path2 = _damaged_v1_and_fresh_v2(
+        default_model_dir, redis_client, redis_prefix, tmp_path
+    )
 
     with ServerThread(settings.model_copy(update={"max_context": None}), smol_engine) as server:
         client = connect_service(server.url, None, timeout_s=300)
@@ -331,17 +339,9 @@ VOTE_GATE = dict(kl_limit=1e9, reward_tolerance=10.0, max_tokens=32, judge_token
 def test_gate_no_canary_damaged_adapter_refused_on_vote_agreement_undamaged_passes(
     default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
 ):
-    model, tokenizer = load_model(str(default_model_dir), MODEL_CACHE, "cpu")
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    policy = Policy(model, tokenizer, AdapterStore(tmp_path / "adapters"), lora)
-    registry = Registry(redis_client, Keys(redis_prefix))
-    settings = service_settings(default_model_dir, redis_prefix, tmp_path / "adapters")
-    # v1: large random LoRA weights, the model's answers turn to noise
-    damaged = AdapterVersion(version="v1", parent="base", path="")
-    policy.store.write(damaged, lambda tmp: make_adapter(tmp, default_model_dir, seed=1, scale=8.0))
-    registry.add(damaged)
-    # v2: a fresh LoRA (B = 0), the base model's answers exactly
-    path2 = _register_candidate(policy, redis_client, redis_prefix, "v2", parent="base")
+    policy, settings, path2 = _damaged_v1_and_fresh_v2(
+        default_model_dir, redis_client, redis_prefix, tmp_path
+    )
 
     with ServerThread(settings.model_copy(update={"max_context": None}), smol_engine) as server:
         # 16 samples per prompt: about 40 s a gate here, but ten times that on a busy CPU
