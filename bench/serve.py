@@ -171,8 +171,9 @@ def logging_in_path_cost(n: int = 20000) -> dict:
     from strop.records import PromptLogRecord, SamplingRecord
 
     async def measure() -> list[float]:
+        prefix = f"bench-{uuid.uuid4().hex[:6]}:"
         plog = PromptLog(
-            "redis://127.0.0.1:6379/0", f"bench-{uuid.uuid4().hex[:6]}:log", 1000, 100_000
+            "redis://127.0.0.1:6379/0", prefix + "log", prefix + "logged:", 1000, 100_000
         )
         times = []
         for i in range(n):

@@ -10,11 +10,14 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import key_id_secret
 from service.chat import ChatService
 from service.engines.base import Engine
-from service.metrics import ServiceMetrics
+from service.metrics import RequestCounter, ServiceMetrics
 from service.promptlog import PromptLog
 from service.protocol import APIError
 from service.versions import Versions
@@ -35,6 +38,7 @@ class Service:
     versions: Versions
     metrics: ServiceMetrics
     chat: ChatService
+    key_id_secret: bytes
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -72,11 +76,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await eng.start()
         keys = Keys(settings.redis_prefix)
         redis = connect_async(settings.redis_url)
+        metrics = ServiceMetrics()
+        secret = await key_id_secret(settings.key_id_secret, redis, keys.key_id_secret)
         promptlog = PromptLog(
             settings.redis_url,
             keys.prompt_log,
+            keys.logged,
             settings.log_stream_maxlen,
             settings.log_buffer_size,
+            on_drop=lambda reason, n: metrics.log_drops.labels(reason).inc(n),
         )
         versions = Versions(
             eng,
@@ -86,7 +94,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             keep_loaded=settings.adapters_keep_loaded,
             poll_s=settings.adapter_poll_s,
         )
-        metrics = ServiceMetrics()
         app.state.service = Service(
             settings,
             keys,
@@ -96,6 +103,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             versions,
             metrics,
             ChatService(settings, eng, versions, promptlog, metrics),
+            secret,
         )
         promptlog.start()
         with contextlib.suppress(Exception):  # Redis may be down at start: serve anyway
@@ -123,7 +131,90 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(dashboard.router)
     add_error_handlers(app)
+    app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestCounter)  # outermost: it sees the guard's refusals too
     return app
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+class RequestBodyGuard:
+    """ASGI middleware: a request body is at most `max_bytes` and, on POST, declared JSON;
+    checked before anything parses it, so an oversized body costs only its reading.
+
+    The declared Content-Length is checked first; a body without one (chunked) is counted
+    as it arrives and refused as soon as it passes the limit. The HTTP server reads and
+    drops the rest of a refused body without parsing it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            declared = int(headers["content-length"]) if "content-length" in headers else None
+        except ValueError:
+            declared = None  # the HTTP server refuses a malformed length itself
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send, self._too_large())
+            return
+        if not declared and not chunked:  # no body
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST" and not _is_json(headers.get("content-type")):
+            # Also what keeps a web page from posting here without a CORS preflight.
+            err = APIError(
+                400,
+                "Content-Type must be application/json; send the body as JSON with "
+                "`Content-Type: application/json`.",
+                code="invalid_content_type",
+            )
+            await self._refuse(scope, receive, send, err)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left mid-body: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, self._too_large())
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # later calls: wait for the disconnect, as the server's receive does
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"The request body is larger than the {self.max_bytes} bytes this server accepts.",
+            code="request_too_large",
+        )
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, err: APIError) -> None:
+        await JSONResponse(err.response_body(), status_code=err.status)(scope, receive, send)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -131,7 +222,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.response_body(), status_code=exc.status)
+        return JSONResponse(exc.response_body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,19 +1,44 @@
 """Bearer-key checks: API keys for the chat API, a separate admin key for admin endpoints."""
 
+import asyncio
 import hashlib
 import hmac
+import logging
+import secrets
 from typing import Annotated
 
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from service.protocol import APIError
 
+log = logging.getLogger("strop.auth")
 
-def key_id(key: str | None) -> str:
-    """A stable, non-reversible id for a key, safe to log (never the key itself)."""
+
+def key_id(key: str | None, secret: bytes) -> str:
+    """A stable id for a key, safe to log: an HMAC under a server secret, so one who reads
+    the logs (or Redis) cannot test guesses of a weak key against it."""
     if not key:
         return "anonymous"
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return "key-" + hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+async def key_id_secret(configured: str | None, redis: aioredis.Redis, name: str) -> bytes:
+    """The key-id secret: the configured one, else one shared by every process through Redis
+    key `name` (the first process creates it, SET NX); while Redis is unreachable, one of
+    this process only (its key ids then differ from the other processes')."""
+    if configured:
+        return configured.encode()
+    try:
+        await asyncio.wait_for(redis.set(name, secrets.token_hex(32), nx=True), timeout=5)
+        shared = await asyncio.wait_for(redis.get(name), timeout=5)
+    except Exception as e:  # Redis down at start: serve anyway, as the prompt log does
+        shared = None
+        log.warning("key-id secret not readable from redis (%s)", e.__class__.__name__)
+    if not shared:
+        log.warning("key ids use a secret of this process only; set STROP_KEY_ID_SECRET")
+        return secrets.token_bytes(32)
+    return shared if isinstance(shared, bytes) else shared.encode()
 
 
 def _bearer(request: Request) -> str | None:
@@ -28,11 +53,12 @@ def _matches(token: str, keys: list[str]) -> bool:
 
 def require_api_key(request: Request) -> str:
     """The caller's key id; 401 unless the bearer key is an API key (or the admin key)."""
-    settings = request.app.state.service.settings
+    service = request.app.state.service
+    settings, secret = service.settings, service.key_id_secret
     keys = list(settings.api_keys) + ([settings.admin_key] if settings.admin_key else [])
     token = _bearer(request)
     if not settings.api_keys:  # open service (bound to localhost only)
-        return key_id(token) if token and _matches(token, keys) else "anonymous"
+        return key_id(token, secret) if token and _matches(token, keys) else "anonymous"
     if token is None:
         raise APIError(
             401,
@@ -44,7 +70,7 @@ def require_api_key(request: Request) -> str:
         raise APIError(
             401, "Incorrect API key provided.", type="authentication_error", code="invalid_api_key"
         )
-    return key_id(token)
+    return key_id(token, secret)
 
 
 def require_admin(request: Request) -> None:

@@ -1,15 +1,20 @@
 """The OpenAI wire format: requests, responses, stream chunks and the error envelope.
 
 Fields follow the OpenAI API reference order; strop's own extras sit below a marker.
-Unknown request fields are accepted and ignored (as OpenAI-compatible servers do).
+Unknown request fields are accepted and ignored (as OpenAI-compatible servers do), except
+the ones that would change the answer's shape, which strop refuses (`UNSUPPORTED`).
 """
 
+import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ROLES = ("system", "developer", "user", "assistant")
+RESERVED_MODEL_NAMES = ("strop", "base")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ErrorInfo(BaseModel):
@@ -33,8 +38,10 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
+        self.headers = headers  # e.g. Retry-After on a 429
         self.status, self.message, self.type, self.param, self.code = (
             status,
             message,
@@ -49,6 +56,50 @@ class APIError(Exception):
 
 
 # --- requests ---------------------------------------------------------------------------
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a lone UTF-16 surrogate sits (`messages.0.content`), or None.
+
+    JSON's `\\ud800` escapes parse to such code points; they are not text, and nothing
+    downstream (tokenizer, log, response) can encode them.
+    """
+    if isinstance(value, str):
+        return path or "body" if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        here = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return path or "body"
+        found = lone_surrogate_at(item, here)
+        if found:
+            return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request body: lone surrogates anywhere in it are refused with a 400."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            # An APIError (not a ValueError) passes through pydantic untouched, so the
+            # caller gets the exact `param`; the value itself is never echoed back.
+            raise APIError(
+                400,
+                f"`{where}` holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
+                "valid Unicode text.",
+                param=where,
+                code="invalid_value",
+            )
+        return data
 
 
 class ChatMessage(BaseModel):
@@ -82,7 +133,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+# Fields OpenAI defines whose effect strop does not implement: ignoring them would answer
+# in a shape the caller did not ask for. None (and `response_format` text) change nothing.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format")
+_HARMLESS = [
+    ("tool_choice", "none"),
+    ("function_call", "none"),
+    ("response_format", {"type": "text"}),
+]
+
+
+class ChatCompletionRequest(RequestBody):
     model_config = ConfigDict(extra="allow")
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -101,6 +162,21 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
 
+    @model_validator(mode="after")
+    def _supported(self) -> "ChatCompletionRequest":
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED:
+            value = extra.get(name)
+            if value is None or (name, value) in _HARMLESS:
+                continue
+            raise APIError(
+                400,
+                f"`{name}` is not supported by this server; send the request without it.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        return self
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -112,16 +188,27 @@ class ChatCompletionRequest(BaseModel):
         return str(flag).lower() not in ("false", "0", "no", "off")
 
 
-class LoadLoraAdapterRequest(BaseModel):
+class LoadLoraAdapterRequest(RequestBody):
     """vLLM's body for POST /v1/load_lora_adapter."""
 
     model_config = ConfigDict(extra="allow")
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str
     lora_path: str = Field(min_length=1)
 
+    @field_validator("lora_name")
+    @classmethod
+    def _servable_name(cls, v: str) -> str:
+        # The name becomes a model name in /v1/models and in every response: keep it short,
+        # printable, and clear of the names strop itself serves.
+        if not ADAPTER_NAME.fullmatch(v):
+            raise ValueError("must be 1 to 64 characters of letters, digits, `.`, `_` or `-`")
+        if v in RESERVED_MODEL_NAMES:
+            raise ValueError(f"`{v}` is a reserved model name; choose another")
+        return v
 
-class UnloadLoraAdapterRequest(BaseModel):
+
+class UnloadLoraAdapterRequest(RequestBody):
     model_config = ConfigDict(extra="allow")
 
     lora_name: str = Field(min_length=1)

@@ -3,13 +3,18 @@ remote engine; and strop's own rollback of the promoted version."""
 
 import asyncio
 
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel
 
 from service.auth import Admin
-from service.engines.base import AdapterNotFound
-from service.protocol import APIError, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from service.engines.base import AdapterNotFound, EngineError
+from service.protocol import (
+    APIError,
+    LoadLoraAdapterRequest,
+    RequestBody,
+    UnloadLoraAdapterRequest,
+)
 from strop.connection import connect
 from strop.registry import Registry
 from strop.versions import BASE, is_version
@@ -29,7 +34,10 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request, _: A
         )
     try:
         await versions.load_external(body.lora_name, body.lora_path)
-    except (AdapterNotFound, OSError, ValueError) as e:
+    except (AdapterNotFound, OSError, ValueError, EngineError) as e:
+        if isinstance(e.__cause__, httpx.TransportError):  # a remote engine out of reach
+            raise APIError(503, str(e), type="server_error", code="engine_unavailable") from e
+        # The engine refused these files (e.g. an adapter trained for another model).
         raise APIError(
             400,
             f"Could not load adapter '{body.lora_name}' from {body.lora_path}: {e}",
@@ -45,7 +53,7 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request, 
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
 
-class RollbackRequest(BaseModel):
+class RollbackRequest(RequestBody):
     """Body of POST /v1/strop/rollback (optional)."""
 
     version: str | None = None  # "vN" or "base"; default: the previous promoted version
@@ -59,16 +67,26 @@ async def rollback(request: Request, _: Admin, body: RollbackRequest | None = No
     if to is not None and to != BASE and not is_version(to):
         raise APIError(400, "`version` must be `vN` or `base`.", param="version")
 
-    def move() -> tuple[str | None, str | None]:
+    def move() -> tuple[str | None, str | None] | None:
         r = connect(service.settings.redis_url)
         try:
-            return Registry(r, service.keys).rollback(to=to, reason="manual (api)")
+            registry = Registry(r, service.keys)
+            if registry.promoted() is None and to in (None, BASE):
+                return None  # base is served already: no event, nothing to move
+            return registry.rollback(to=to, reason="manual (api)")
         finally:
             r.close()
 
     try:
-        before, after = await asyncio.to_thread(move)
+        moved = await asyncio.to_thread(move)
     except KeyError as e:
         raise APIError(404, f"Unknown version `{to}`.", param="version") from e
+    if moved is None:
+        raise APIError(
+            409,
+            "Nothing to roll back: no version is promoted, the base model is served.",
+            code="nothing_to_roll_back",
+        )
+    before, after = moved
     await service.versions.refresh()  # load and switch now, not at the next poll
     return {"object": "strop.rollback", "from": before or "base", "to": after or "base"}

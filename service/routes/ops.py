@@ -28,26 +28,33 @@ async def list_models(request: Request, _: CallerKeyId) -> ModelList:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Engine and Redis reported apart: Redis down degrades logging, not serving."""
+    """Engine and Redis reported apart: Redis down degrades logging, not serving (200); a
+    stopped log writer degrades it for good, so that answers 503 (only a restart mends it)."""
     service = request.app.state.service
     engine = await service.engine.health()
     try:
         redis_ok = bool(await asyncio.wait_for(service.redis.ping(), timeout=1.0))
     except Exception:
         redis_ok = False
+    writer_ok = service.promptlog.running
+    if not engine.get("ok"):
+        status = "down"
+    elif not (redis_ok and writer_ok):
+        status = "degraded"
+    else:
+        status = "ok"
     body = {
-        "status": "ok"
-        if engine.get("ok") and redis_ok
-        else ("degraded" if engine.get("ok") else "down"),
+        "status": status,
         "engine": engine,
         "redis": {
             "ok": redis_ok,
+            "log_writer": "running" if writer_ok else "stopped",
             "log_buffered": len(service.promptlog.buffer),
             "log_dropped": service.promptlog.dropped,
         },
         "strop": service.versions.promoted or "base",
     }
-    return JSONResponse(body, status_code=200 if engine.get("ok") else 503)
+    return JSONResponse(body, status_code=200 if engine.get("ok") and writer_ok else 503)
 
 
 @router.get("/metrics")
@@ -55,7 +62,6 @@ async def metrics(request: Request) -> Response:
     service = request.app.state.service
     m, plog = service.metrics, service.promptlog
     m.log_writes.set(plog.written)
-    m.log_drops.set(plog.dropped)
     m.log_buffered.set(len(plog.buffer))
     m.redis_up.set(1 if plog.redis_ok else 0)
     m.adapters_loaded.set(len(service.engine.loaded_adapters()))

@@ -51,7 +51,8 @@ def test_prompt_log_redis_down_keeps_serving_then_writes_buffer(
         assert h["status"] == "degraded" and h["redis"]["ok"] is False and h["engine"]["ok"] is True
         assert h["redis"]["log_buffered"] == 4 and h["redis"]["log_dropped"] == 2
         metrics = httpx.get(server.url + "/metrics").text
-        assert "strop_log_drops 2.0" in metrics and "strop_redis_up 0.0" in metrics
+        assert 'strop_log_drops_total{reason="buffer_full"} 2.0' in metrics
+        assert "strop_redis_up 0.0" in metrics
 
         private_redis.start()  # same port, empty (no persistence)
         wait_until(lambda: len(logged(private_redis.url, stream)) == 4)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
@@ -389,9 +390,20 @@ class Scheduler:
 
     def _load_adapter(self, name: str, path: str) -> None:
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name)
+            try:
+                self.model.load_adapter(path, adapter_name=name)
+            except Exception:
+                if name in self.model.peft_config:  # added before its weights failed to load
+                    self.model.delete_adapter(name)
+                raise
         else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            try:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            except Exception:
+                # PEFT injects its layers into our base model before it reads the weights;
+                # an adapter that does not fit would leave them behind in every later batch.
+                _strip_adapter_layers(self.model)
+                raise
         self.model.eval()
 
     def _delete_unused_adapters(self) -> None:
@@ -408,6 +420,16 @@ class Scheduler:
                     self.model.set_adapter(next(n for n in self._adapter_names() if n != name))
                 self.model.delete_adapter(name)
             log.info("adapter %s unloaded", name)
+
+
+def _strip_adapter_layers(model: torch.nn.Module) -> None:
+    """Put back the plain layers where a failed PEFT load left its own in `model`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
