@@ -1,12 +1,19 @@
 """Chat completions: validate a request, run it on the engine, answer, and log it.
 
 The route stays thin; everything a chat request does happens here, in order:
-check limits -> resolve the model name -> generate (or stream) -> respond -> log.
+check limits -> read the prompt (off the event loop) -> take room in the engine's queue ->
+resolve the model name once -> generate (or stream) -> respond -> log.
+
+A client that goes away cancels its request: its sequences leave the engine, and its
+prompt-log record says `cancelled` for each choice that had not finished.
 """
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.engines.base import (
@@ -14,7 +21,6 @@ from service.engines.base import (
     ContextTooLong,
     Delta,
     Engine,
-    Generation,
     SamplingParams,
     StreamEnd,
     TokenLogprob,
@@ -40,6 +46,74 @@ from strop.records import PromptLogRecord, SamplingRecord, new_request_id
 from strop.settings import Settings
 from strop.versions import pinned_model
 
+CANCELLED = "cancelled"  # finish reason logged for a choice its client left before it ended
+RETRY_AFTER_S = 1  # a full queue drains by whole requests; asking again soon is cheap
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks its client is still there
+
+Disconnected = Callable[[], Awaitable[bool]]  # e.g. starlette's Request.is_disconnected
+
+
+class QueueFull(APIError):
+    """429: the engine holds as many sequences as allowed, overall or for this API key."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(
+            429,
+            message,
+            type="rate_limit_error",
+            code=code,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+
+class ClientGone(APIError):
+    """The client disconnected before its answer was ready (nobody reads this error)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "The client closed the request.", code="client_closed_request")
+
+
+class EngineQueue:
+    """Sequences (`n` per request) this service has in the engine, overall and per API key."""
+
+    def __init__(self, max_total: int, max_per_key: int):
+        self.max_total, self.max_per_key = max_total, max_per_key
+        self.total = 0
+        self.per_key: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str, n: int, internal: bool = False) -> Iterator[None]:
+        """Count `n` sequences of `key` while the block runs; QueueFull if that passes a limit.
+
+        A request larger than a limit still runs when nothing else is counted against it,
+        so it is served eventually rather than refused for ever. Internal requests (the
+        worker's, the gate's) count only against the overall limit."""
+        mine = 0 if internal else self.per_key.get(key, 0)
+        if self.total and self.total + n > self.max_total:
+            raise QueueFull(
+                f"The engine's queue is full: {self.total} sequences are running or waiting "
+                f"(at most {self.max_total}; each of `n` counts). Retry after "
+                f"{RETRY_AFTER_S} s.",
+                code="engine_overloaded",
+            )
+        if mine and mine + n > self.max_per_key:
+            raise QueueFull(
+                f"This API key has {mine} sequences running or waiting (at most "
+                f"{self.max_per_key}; each of `n` counts). Retry after {RETRY_AFTER_S} s.",
+                code="rate_limit_exceeded",
+            )
+        self.total += n
+        if not internal:
+            self.per_key[key] = mine + n
+        try:
+            yield
+        finally:
+            self.total -= n
+            if not internal:
+                self.per_key[key] -= n
+                if not self.per_key[key]:
+                    del self.per_key[key]
+
 
 class ChatService:
     def __init__(
@@ -52,10 +126,11 @@ class ChatService:
     ):
         self.settings, self.engine, self.versions = settings, engine, versions
         self.promptlog, self.metrics = promptlog, metrics
+        self.queue = EngineQueue(settings.max_queued_sequences, settings.max_queued_per_key)
 
     # --- checks -----------------------------------------------------------------------
 
-    def prepare(
+    async def prepare(
         self, req: ChatCompletionRequest
     ) -> tuple[list[dict[str, Any]], SamplingParams, int]:
         """Plain messages, sampling parameters and prompt token count; 400 on bad values."""
@@ -87,30 +162,29 @@ class ChatService:
                 param="max_tokens",
                 code="invalid_value",
             )
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from e
-        if not any(m["role"] == "user" for m in messages):
-            raise APIError(
-                400,
-                "`messages` needs at least one user message.",
-                param="messages",
-                code="invalid_value",
-            )
         context = self.engine.max_context
+        # Reading a long prompt takes seconds (a 17 MB one took 14): off the event loop, so
+        # other clients are served meanwhile.
         try:
-            prompt_tokens = self.engine.count_prompt_tokens(messages)
-        except ContextTooLong:
-            prompt_tokens = context
+            messages, prompt_tokens = await asyncio.to_thread(self._read_prompt, req)
+            exact = True
+        except ContextTooLong as e:
+            messages = []
+            # It does not fit even one more token, so it has at least `context` tokens.
+            if e.prompt_tokens is not None and e.prompt_tokens >= context:
+                prompt_tokens, exact = e.prompt_tokens, e.exact
+            else:
+                prompt_tokens, exact = context, False
         room = context - prompt_tokens
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = max_tokens or 1
+            least = "" if exact else "at least "
             raise APIError(
                 400,
                 f"This model's maximum context length is {context} tokens. However, "
-                f"you requested {prompt_tokens + asked} tokens ({prompt_tokens} in the "
-                f"messages, {asked} in the completion).",
+                f"you requested {least}{prompt_tokens + asked} tokens ({least}{prompt_tokens} "
+                f"in the messages, {asked} in the completion). Please reduce the length of "
+                "the messages or completion.",
                 param="messages",
                 code="context_length_exceeded",
             )
@@ -126,29 +200,56 @@ class ChatService:
         )
         return messages, params, prompt_tokens
 
+    def _read_prompt(self, req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], int]:
+        """Plain messages and their token count (blocking; ContextTooLong if they cannot fit)."""
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value") from e
+        if not any(m["role"] == "user" for m in messages):
+            raise APIError(
+                400,
+                "`messages` needs at least one user message.",
+                param="messages",
+                code="invalid_value",
+            )
+        return messages, self.engine.count_prompt_tokens(messages)
+
     # --- non-streaming ----------------------------------------------------------------
 
     async def complete(
-        self, req: ChatCompletionRequest, key: str, log: bool, internal: bool = False
+        self,
+        req: ChatCompletionRequest,
+        key: str,
+        log: bool,
+        internal: bool = False,
+        disconnected: Disconnected | None = None,
     ) -> ChatCompletion:
-        messages, params, _ = self.prepare(req)
-        start = time.perf_counter()
-        for attempt in (1, 2):
-            async with self.versions.lease(req.model, internal) as (version, adapter):
-                try:
-                    gen = await self._run(self.engine.generate(messages, params, adapter))
-                    break
-                except AdapterNotFound:
-                    # The engine lost an adapter we loaded (a restarted vLLM): forget it so
-                    # the lease loads it again, and try once more.
-                    self.versions.forget(version)
-                    if attempt == 2:
-                        raise APIError(
-                            503,
-                            f"The engine lost adapter {adapter}; try again.",
-                            type="server_error",
-                            code="engine_unavailable",
-                        ) from None
+        """The whole answer. While it is made, `disconnected` is asked every
+        DISCONNECT_POLL_S; once the client is gone the engine drops the request."""
+        call = _Call(req, key, log, internal, *await self.prepare(req))
+        with self.queue.hold(key, call.params.n, internal):
+            for attempt in (1, 2):
+                async with self.versions.lease(req.model, internal) as (version, adapter):
+                    work = self.engine.generate(call.messages, call.params, adapter)
+                    try:
+                        gen = await self._run(_unless_gone(work, disconnected))
+                        break
+                    except ClientGone:
+                        n = call.params.n
+                        self._done(call, new_request_id(), version, [""] * n, [CANCELLED] * n)
+                        raise
+                    except AdapterNotFound:
+                        # The engine lost an adapter we loaded (a restarted vLLM): forget it
+                        # so the lease loads it again, and try once more.
+                        self.versions.forget(version)
+                        if attempt == 2:
+                            raise APIError(
+                                503,
+                                f"The engine lost adapter {adapter}; try again.",
+                                type="server_error",
+                                code="engine_unavailable",
+                            ) from None
         response = ChatCompletion(
             id=new_request_id(),
             model=pinned_model(version),
@@ -167,7 +268,15 @@ class ChatService:
                 total_tokens=gen.prompt_tokens + gen.completion_tokens,
             ),
         )
-        self._done(req, response.id, version, gen, start, key, log, stream=False)
+        texts, finish = [c.text for c in gen.choices], [c.finish_reason for c in gen.choices]
+        self._done(
+            call,
+            response.id,
+            version,
+            texts,
+            finish,
+            StreamEnd(gen.prompt_tokens, gen.completion_tokens),
+        )
         return response
 
     # --- streaming --------------------------------------------------------------------
@@ -175,27 +284,33 @@ class ChatService:
     async def stream(
         self, req: ChatCompletionRequest, key: str, log: bool, internal: bool = False
     ) -> AsyncIterator[str]:
-        """Checks and name resolution run before the first byte (so errors get a status);
-        then the SSE lines."""
-        messages, params, _ = self.prepare(req)
-        async with self.versions.lease(req.model, internal):
-            pass
-        return self._sse(req, messages, params, key, log, internal)
+        """The SSE lines. Checks, queue room and name resolution run before the first byte
+        (so their errors get a status); the version resolved then serves every line."""
+        lines = self._sse(_Call(req, key, log, internal, *await self.prepare(req)))
+        # Runs _sse up to its first, empty line: queue room and the lease are taken (or
+        # refused) here. A started generator dropped unread is closed by the event loop, so
+        # what it holds is given back even if the response never starts.
+        await anext(lines)
+        return lines
 
-    async def _sse(self, req, messages, params, key, log, internal) -> AsyncIterator[str]:
-        async with self.versions.lease(req.model, internal) as (version, adapter):
-            async for line in self._sse_lines(req, messages, params, version, adapter, key, log):
-                yield line
+    async def _sse(self, call: "_Call") -> AsyncIterator[str]:
+        with self.queue.hold(call.key, call.params.n, call.internal):
+            async with self.versions.lease(call.req.model, call.internal) as (version, adapter):
+                yield ""  # taken by stream(), never sent
+                lines = self._sse_lines(call, version, adapter)
+                async with contextlib.aclosing(lines):
+                    async for line in lines:
+                        yield line
 
     async def _sse_lines(
-        self, req, messages, params, version, adapter, key, log
+        self, call: "_Call", version: str, adapter: str | None
     ) -> AsyncIterator[str]:
-        start = time.perf_counter()
+        req, n = call.req, call.params.n
         rid, created, model = new_request_id(), int(time.time()), pinned_model(version)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        texts = [""] * params.n
-        finish = ["length"] * params.n
-        end = StreamEnd(0, 0)
+        texts = [""] * n
+        finish: list[str | None] = [None] * n
+        end = StreamEnd(call.prompt_tokens, 0)
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             c = ChatCompletionChunk(
@@ -207,29 +322,33 @@ class ChatService:
             yield chunk(
                 [
                     ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                    for i in range(params.n)
+                    for i in range(n)
                 ]
             )
-            async for item in self._run_stream(self.engine.stream(messages, params, adapter)):
-                if isinstance(item, StreamEnd):
-                    end = item
-                    continue
-                item: Delta
-                texts[item.index] += item.text
-                if item.finish_reason:
-                    finish[item.index] = item.finish_reason
-                if item.text or item.finish_reason:
-                    lp = _logprobs_out(item.logprobs) if req.logprobs and item.logprobs else None
-                    yield chunk(
-                        [
-                            ChunkChoice(
-                                index=item.index,
-                                delta=DeltaMessage(content=item.text or None),
-                                logprobs=lp,
-                                finish_reason=item.finish_reason,
-                            )
-                        ]
-                    )
+            items = self._run_stream(self.engine.stream(call.messages, call.params, adapter))
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    if isinstance(item, StreamEnd):
+                        end = item
+                        continue
+                    item: Delta
+                    texts[item.index] += item.text
+                    if item.finish_reason:
+                        finish[item.index] = item.finish_reason
+                    if item.text or item.finish_reason:
+                        lp = (
+                            _logprobs_out(item.logprobs) if req.logprobs and item.logprobs else None
+                        )
+                        yield chunk(
+                            [
+                                ChunkChoice(
+                                    index=item.index,
+                                    delta=DeltaMessage(content=item.text or None),
+                                    logprobs=lp,
+                                    finish_reason=item.finish_reason,
+                                )
+                            ]
+                        )
             if include_usage:
                 yield chunk(
                     [],
@@ -239,15 +358,17 @@ class ChatService:
                         total_tokens=end.prompt_tokens + end.completion_tokens,
                     ),
                 )
+            yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.response_body())}\n\n"
             self.metrics.requests.labels(version, str(e.status)).inc()
             return
-        yield "data: [DONE]\n\n"
-        gen = Generation(
-            choices=[], prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens
-        )
-        self._done(req, rid, version, gen, start, key, log, stream=True, texts=texts, finish=finish)
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: closing the engine's stream (above) dropped its
+            # sequences; the log keeps what the client had received.
+            self._done(call, rid, version, texts, [f or CANCELLED for f in finish], end)
+            raise
+        self._done(call, rid, version, texts, [f or "length" for f in finish], end)
 
     # --- shared -----------------------------------------------------------------------
 
@@ -267,34 +388,50 @@ class ChatService:
             ) from e
 
     async def _run_stream(self, agen):
-        try:
-            async for item in agen:
-                yield item
-        except APIError:
-            raise
-        except Exception as e:
-            raise APIError(
-                503,
-                f"The engine failed while streaming: {e}",
-                type="server_error",
-                code="engine_unavailable",
-            ) from e
+        # Closing this closes the engine's stream too, which drops its sequences at once
+        # (`async for` alone would leave that to the garbage collector).
+        async with contextlib.aclosing(agen):
+            try:
+                async for item in agen:
+                    yield item
+            except APIError:
+                raise
+            except Exception as e:
+                raise APIError(
+                    503,
+                    f"The engine failed while streaming: {e}",
+                    type="server_error",
+                    code="engine_unavailable",
+                ) from e
 
     def _done(
-        self, req, rid, version, gen, start, key, log, stream, texts=None, finish=None
+        self,
+        call: "_Call",
+        rid: str,
+        version: str,
+        texts: list[str],
+        finish: list[str],
+        usage: StreamEnd | None = None,
     ) -> None:
-        latency = time.perf_counter() - start
+        """Count the request in the metrics and write its prompt-log record (if asked).
+        `usage` None: the engine never said (the client left first)."""
+        usage = usage or StreamEnd(call.prompt_tokens, 0)
+        latency = time.perf_counter() - call.start
         m = self.metrics
-        m.requests.labels(version, "200").inc()
+        if call.req.stream or CANCELLED not in finish:
+            # (a non-streaming request that was cancelled ends as an error response, which
+            # the app counts like every other error)
+            m.requests.labels(version, "499" if CANCELLED in finish else "200").inc()
         m.latency.labels(version).observe(latency)
-        m.prompt_tokens.inc(gen.prompt_tokens)
-        m.completion_tokens.inc(gen.completion_tokens)
-        if not log:
+        m.prompt_tokens.inc(usage.prompt_tokens)
+        m.completion_tokens.inc(usage.completion_tokens)
+        if not call.log:
             return
+        req = call.req
         self.promptlog.append(
             PromptLogRecord(
                 request_id=rid,
-                messages=[{"role": x.role, "content": x.text()} for x in req.messages],
+                messages=call.messages,
                 sampling=SamplingRecord(
                     n=req.n,
                     temperature=req.temperature,
@@ -304,19 +441,49 @@ class ChatService:
                     seed=req.seed,
                     logprobs=req.logprobs,
                 ),
-                responses=texts if texts is not None else [c.text for c in gen.choices],
-                finish_reasons=finish
-                if finish is not None
-                else [c.finish_reason for c in gen.choices],
+                responses=texts,
+                finish_reasons=finish,
                 model=req.model,
                 version=version,
-                prompt_tokens=gen.prompt_tokens,
-                completion_tokens=gen.completion_tokens,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
                 latency_ms=latency * 1000,
-                key_id=key,
-                stream=stream,
+                key_id=call.key,
+                stream=req.stream,
             )
         )
+
+
+@dataclass
+class _Call:
+    """One chat request on its way through the service: who asked, and what was read."""
+
+    req: ChatCompletionRequest
+    key: str
+    log: bool
+    internal: bool
+    messages: list[dict[str, Any]]
+    params: SamplingParams
+    prompt_tokens: int
+    start: float = field(default_factory=time.perf_counter)
+
+
+async def _unless_gone(coro: Awaitable[Any], disconnected: Disconnected | None) -> Any:
+    """`coro`'s result; ClientGone (once `coro` is cancelled) if the client disconnects first."""
+    if disconnected is None:
+        return await coro
+    work = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return work.result()
+            if await disconnected():
+                raise ClientGone()
+    finally:
+        if not work.done():
+            work.cancel()  # the engine drops the request's sequences
+            await asyncio.wait({work})
 
 
 def _logprobs_out(lps: list[TokenLogprob] | None) -> ChoiceLogprobs:

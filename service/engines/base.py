@@ -15,7 +15,14 @@ class EngineError(RuntimeError):
 
 
 class ContextTooLong(ValueError):
-    """The prompt plus the requested completion does not fit the model's context."""
+    """The prompt plus the requested completion does not fit the model's context.
+
+    `prompt_tokens` is the prompt's length where known: exact, or (`exact` False) a lower
+    bound, for a prompt so long that counting it exactly is not worth the time."""
+
+    def __init__(self, message: str, prompt_tokens: int | None = None, exact: bool = True):
+        super().__init__(message)
+        self.prompt_tokens, self.exact = prompt_tokens, exact
 
 
 class AdapterNotFound(LookupError):
@@ -88,7 +95,10 @@ class Engine(Protocol):
         """Stop background work and release resources."""
 
     def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
-        """Tokens of the chat-templated prompt (raises ContextTooLong if it cannot fit)."""
+        """Tokens of the chat-templated prompt (raises ContextTooLong if it cannot fit).
+
+        Blocking (rendering and tokenizing take a while for a long prompt): call it from a
+        worker thread, never on the event loop; safe from several threads at once."""
 
     async def generate(
         self, messages: list[dict[str, Any]], params: SamplingParams, adapter: str | None

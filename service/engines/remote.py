@@ -6,6 +6,7 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). Another strop service speaks the same pr
 which is how this path is tested without a GPU.
 """
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from service.engines.base import (
     StreamEnd,
     TokenLogprob,
 )
+from service.engines.prompt import PromptEncoder
 from strop.model import load_tokenizer
 
 log = logging.getLogger("strop.engine.remote")
@@ -51,11 +53,13 @@ class RemoteEngine:
             base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0)
         )
         self.tokenizer = None
+        self._prompts: PromptEncoder | None = None
 
     async def start(self) -> None:
         # The same base model runs remotely; its tokenizer here lets us refuse over-long
         # prompts before sending them (the remote would refuse them too).
-        self.tokenizer = load_tokenizer(self.model, self.cache_dir)
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model, self.cache_dir)
+        self._prompts = await asyncio.to_thread(PromptEncoder, self.tokenizer)
         if self._max_context is None:
             self.max_context = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
             if not 0 < self.max_context < 1_000_000:
@@ -76,13 +80,10 @@ class RemoteEngine:
         await self.client.aclose()
 
     def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        n = len(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        if n + 1 > self.max_context:
-            raise ContextTooLong(f"prompt has {n} tokens; the context is {self.max_context}")
-        return n
+        """Tokens of the templated prompt, counted here; blocking: call it from a worker thread."""
+        if self._prompts is None:
+            raise EngineError("the remote engine is not started")
+        return len(self._prompts.ids(messages, self.max_context))
 
     def _body(self, messages, params: SamplingParams, adapter: str | None, stream: bool) -> dict:
         body: dict[str, Any] = {

@@ -26,4 +26,6 @@ async def chat_completions(
         return StreamingResponse(
             lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    return await service.chat.complete(body, key, log, internal)
+    return await service.chat.complete(
+        body, key, log, internal, disconnected=request.is_disconnected
+    )

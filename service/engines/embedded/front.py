@@ -3,7 +3,6 @@
 import asyncio
 import itertools
 import logging
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,6 @@ from typing import Any
 from service.engines.base import (
     AdapterNotFound,
     Choice,
-    ContextTooLong,
     Delta,
     EngineError,
     Generation,
@@ -28,6 +26,7 @@ from service.engines.embedded.scheduler import (
     UnloadAdapter,
     Wake,
 )
+from service.engines.prompt import PromptEncoder
 from strop.model import load_model, load_tokenizer
 
 log = logging.getLogger("strop.engine.embedded")
@@ -49,9 +48,7 @@ class EmbeddedEngine:
         self._max_context = max_context
         self.max_context = max_context or 2048  # the model's own replaces it at start
         self.tokenizer = None
-        # Servers on several threads may share one engine; a fast tokenizer borrowed by two
-        # threads at once can fail with "Already borrowed".
-        self._tokenizer_lock = threading.Lock()
+        self._prompts: PromptEncoder | None = None
         self.stats: dict[str, int] = {"max_batch_seen": 0, "steps": 0, "prefills": 0, "tokens": 0}
         self._adapters: dict[str, str] = {}  # served name -> PEFT adapter name
         self._adapter_ids = itertools.count(1)
@@ -65,9 +62,10 @@ class EmbeddedEngine:
         model, tok = await asyncio.to_thread(
             load_model, self.model_name, self.cache_dir, self.device
         )
-        # The scheduler decodes with a tokenizer of its own, so it never waits on the lock.
+        # The scheduler decodes with a tokenizer of its own, never waiting on PromptEncoder's lock.
         decoder = await asyncio.to_thread(load_tokenizer, self.model_name, self.cache_dir)
         self.tokenizer = tok
+        self._prompts = await asyncio.to_thread(PromptEncoder, tok)
         if self._max_context is None:
             self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self._scheduler = Scheduler(
@@ -97,26 +95,16 @@ class EmbeddedEngine:
     # --- prompts ----------------------------------------------------------------------
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of the chat-templated prompt, ending with the assistant turn's header."""
-        if self.tokenizer is None:
+        """Token ids of the chat-templated prompt, ending with the assistant turn's header;
+        ContextTooLong if not even one more token fits. Blocking: see count_prompt_tokens."""
+        if self._prompts is None:
             raise EngineError("the embedded engine is not started")
-        with self._tokenizer_lock:
-            enc = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        return list(enc["input_ids"])
+        return self._prompts.ids(messages, self.max_context)
 
     def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
-        """Tokens of the templated prompt; ContextTooLong if not even one more fits."""
-        n = len(self.prompt_ids(messages))
-        self._check_fits(n)
-        return n
-
-    def _check_fits(self, prompt_tokens: int) -> None:
-        if prompt_tokens + 1 > self.max_context:
-            raise ContextTooLong(
-                f"prompt has {prompt_tokens} tokens; the context is {self.max_context}"
-            )
+        """Tokens of the templated prompt; ContextTooLong if not even one more fits.
+        Blocking: call it from a worker thread."""
+        return len(self.prompt_ids(messages))
 
     # --- generation -------------------------------------------------------------------
 
@@ -124,7 +112,7 @@ class EmbeddedEngine:
         self, messages: list[dict[str, Any]], params: SamplingParams, adapter: str | None
     ) -> Generation:
         """All `n` choices, with token ids (and logprobs if asked); cancelling leaves the batch."""
-        req = self._submit(messages, params, adapter, stream=False)
+        req = await self._submit(messages, params, adapter, stream=False)
         choices: list[Choice] = []
         try:
             while True:
@@ -141,7 +129,7 @@ class EmbeddedEngine:
         self, messages: list[dict[str, Any]], params: SamplingParams, adapter: str | None
     ) -> AsyncIterator[Delta | StreamEnd]:
         """Deltas as text becomes final (a possible stop string is held back), then StreamEnd."""
-        req = self._submit(messages, params, adapter, stream=True)
+        req = await self._submit(messages, params, adapter, stream=True)
         try:
             while True:
                 for item in await req.receive():
@@ -153,7 +141,7 @@ class EmbeddedEngine:
         finally:  # also on aclose() or cancellation: the client went away
             self._cancel(req)
 
-    def _submit(
+    async def _submit(
         self,
         messages: list[dict[str, Any]],
         params: SamplingParams,
@@ -161,13 +149,13 @@ class EmbeddedEngine:
         stream: bool,
     ) -> Request:
         scheduler = self._started()
-        peft_name = BASE
+        # Off the event loop: other clients go on being served while a long prompt is read.
+        ids = await asyncio.to_thread(self.prompt_ids, messages)
+        peft_name = BASE  # looked up after the wait: the adapter may have been reloaded since
         if adapter is not None:
             if adapter not in self._adapters:
                 raise AdapterNotFound(f"adapter {adapter!r} is not loaded")
             peft_name = self._adapters[adapter]
-        ids = self.prompt_ids(messages)
-        self._check_fits(len(ids))
         req = Request(next(self._request_ids), ids, params, peft_name, stream)
         scheduler.commands.put(Submit(req))
         return req
