@@ -50,6 +50,8 @@ class Args:
     """Stable consumer name, so a restarted learner re-reads its own pending records."""
     read_block_ms: int = 1000
     """Longest wait for new records in one read (housekeeping runs in between)."""
+    disk_retry_s: float = 10.0
+    """How often a learner whose adapter directory cannot take a version checks again."""
 
     # --- derived: filled in from the settings unless given -----------------------------------
     max_len: int = 0

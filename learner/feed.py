@@ -51,6 +51,11 @@ class Feed(Generic[R]):
             log.warning("claimed %d pending records of other consumers", claimed)
         self._cursor = "0"
 
+    def rewind(self) -> None:
+        """Re-read our pending records from the first (after a version that consumed some
+        could not be saved)."""
+        self._cursor = "0"
+
     def read(self, count: int, block_ms: int) -> list[tuple[str, R]]:
         """Up to `count` records: our pending ones first (after a restart), then new ones,
         waiting at most `block_ms` for new ones."""

@@ -11,15 +11,24 @@ directories are removed, records already consumed by a version on disk are ackno
 a version on disk missing from the registry is registered, and a version not yet decided
 is gated (or its recorded gate decision applied). Version numbers are never reused, even
 the number of a save that crashed (vLLM must never see one name with two weights).
+
+Disk trouble. A save that fails cleanly (read-only or full adapter directory: nothing was
+renamed into place, so no reader saw the name) raises `SaveFailed` and hands its number
+back; its records stay pending. `writable_error` is what the learner checks at start and
+before each version, so it does not train what it cannot save.
 """
 
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import openai
 import redis
+from safetensors import SafetensorError
 
 from learner.args import Args
 from learner.feed import Feed
@@ -27,13 +36,39 @@ from learner.gate import GateResult, probe_prompts, run_gate, trained_prompts
 from learner.metrics import LearnerMetrics
 from learner.policy import Policy
 from learner.serving import ServiceUnavailable
-from strop.adapters import AdapterStore
+from strop.adapters import TMP_PREFIX, AdapterStore
 from strop.labeled import read_jsonl
 from strop.records import AdapterVersion, Keys, PromotionHalt
 from strop.registry import Registry
-from strop.versions import BASE
+from strop.versions import BASE, version_number
 
 log = logging.getLogger("strop.learner")
+
+PROBE_BYTES = 4096  # written and fsynced: a full disk refuses data blocks, not always inodes
+
+
+class SaveFailed(Exception):
+    """A version could not be written to the adapter directory (nothing was published)."""
+
+
+def writable_error(root: Path, need_bytes: int = 0) -> str | None:
+    """Why a version cannot be saved under `root` now (not writable, or under `need_bytes`
+    free), or None if it can."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # named like save debris, so a probe a crash leaves is removed by AdapterStore.clean
+        with tempfile.NamedTemporaryFile(dir=root, prefix=f"{TMP_PREFIX}probe-") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+        free = shutil.disk_usage(root).free
+    except OSError as e:
+        return f"{root} is not writable: {e.strerror or e}"
+    if free < need_bytes:
+        return (
+            f"{root} has {free / 1e6:.1f} MB free, a version needs about {need_bytes / 1e6:.1f} MB"
+        )
+    return None
 
 
 class Lifecycle:
@@ -108,7 +143,9 @@ class Lifecycle:
     def save(
         self, parent: str, consumed: dict[str, list[str]], train_metrics: dict[str, float]
     ) -> AdapterVersion:
-        """Write the candidate (atomically), register it, then acknowledge its records."""
+        """Write the candidate (atomically), register it, then acknowledge its records.
+        Raises SaveFailed (its number handed back, nothing acknowledged) if the adapter
+        directory refuses it."""
         version = self.registry.next_version(at_least=self.store.highest() + 1)
         self.report(phase="saving", version=version)
         meta = AdapterVersion(
@@ -125,7 +162,18 @@ class Lifecycle:
             self.policy.save(tmp)
             self.pause("save")  # test only: killed here, a half-written version exists
 
-        self.store.write(meta, save_files)
+        try:
+            self.store.write(meta, save_files)
+        except (OSError, SafetensorError) as e:
+            # unpublished (no vN, no debris holding the number): the next save may use it
+            try:
+                unpublished = self.store.highest() < version_number(version)
+            except OSError:
+                unpublished = False
+            if unpublished:
+                self.registry.release_version(version)
+            cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise SaveFailed(f"{version} not saved in {self.store.root}: {cause}") from e
         self.pause("saved")  # test only: on disk, but neither registered nor acknowledged
         self.registry.add(meta)
         acked = sum(self.feed.ack(ids) for ids in consumed.values())

@@ -9,7 +9,9 @@ One long-running loop, nanoGPT-style. For each version:
             `micro_batch_size` is set (same update, less memory) (learner/steps.py)
     log     namespaced metrics (`loss/dpo`, `reward/mean`, ...) every step
     save    after `steps_per_version` steps: write `adapter_dir/vN` atomically, register
-            it, and only then acknowledge the records it consumed (learner/lifecycle.py)
+            it, and only then acknowledge the records it consumed (learner/lifecycle.py);
+            no version is trained while the adapter directory cannot take one, and a save
+            that fails keeps its records pending and its version number unused
     gate    promote it if it passes the gate (learner/gate.py), else keep it as rejected
             (and start the next version from the promoted one again)
     guard   while waiting for records: roll back a promoted version whose live reward
@@ -39,7 +41,7 @@ from peft import LoraConfig
 from learner import collapse, rollback, steps
 from learner.args import Args
 from learner.feed import Feed
-from learner.lifecycle import Lifecycle
+from learner.lifecycle import Lifecycle, SaveFailed, writable_error
 from learner.logprobs import prompt_ids
 from learner.metrics import PHASES, LearnerMetrics
 from learner.policy import TRAIN, Policy
@@ -133,6 +135,8 @@ class Learner:
         before it was saved)."""
         # --- setup ---
         a = self.args
+        if not self.wait_writable():
+            return None
         self.rebase()
         parent = self.policy.parent
         consumed: list[str] = []
@@ -175,7 +179,17 @@ class Learner:
         for reason, n in self.dropped.items():
             train_metrics[f"data/dropped_{reason}"] = float(n - dropped_before.get(reason, 0))
         train_metrics["time/train_s"] = time.perf_counter() - t0
-        meta = self.lifecycle.save(parent, {self.feed.stream: consumed}, train_metrics)
+        try:
+            meta = self.lifecycle.save(parent, {self.feed.stream: consumed}, train_metrics)
+        except SaveFailed as e:
+            log.error("%s; its %d records stay pending for the next version", e, len(consumed))
+            self._state(phase="waiting", error=str(e))
+            # every record read so far is still pending: re-read them in order
+            self.buffer.clear()
+            self.feed.rewind()
+            self._discard = True
+            self.stop.wait(self.args.disk_retry_s)  # not a tight train-and-fail loop
+            return None
         self.versions_written.append(meta.version)
         # --- gate ---
         meta = self.lifecycle.decide(meta, candidate=TRAIN)
@@ -186,6 +200,28 @@ class Learner:
         else:
             self._discard = True  # the next version starts again from the promoted one
         return meta
+
+    def wait_writable(self) -> bool:
+        """Wait until the adapter directory can take a version (housekeeping meanwhile),
+        saying why once; False if stopped first."""
+        # a version's files are its LoRA weights, plus margin for metadata and the fs
+        need = 2 * sum(p.numel() * p.element_size() for p in self.policy.trainable_parameters())
+        reported = None
+        while not self.stop.is_set():
+            error = writable_error(self.store.root, need)
+            if error is None:
+                if reported is not None:
+                    log.info("adapter directory writable again: training resumes")
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    self.r.hdel(self.keys.learner_state, "error")
+                return True
+            if error != reported:
+                log.error("not training: no version can be saved: %s", error)
+                reported = error
+            self.housekeeping()
+            self._state(error=f"no version can be saved: {error}")
+            self.stop.wait(self.args.disk_retry_s)
+        return False
 
     def rebase(self) -> None:
         """Train on top of the promoted version: reload it if the pointer moved (or the
@@ -351,7 +387,12 @@ def build(settings: Settings, args: Args | None = None, pause_at: str | None = N
 
 
 def main(settings: Settings, max_versions: int | None = None) -> int:
-    """Run the learner until SIGTERM/SIGINT (or `max_versions` versions were written)."""
+    """Run the learner until SIGTERM/SIGINT (or `max_versions` versions were written);
+    returns 2 at once if the adapter directory cannot take a version."""
+    error = writable_error(settings.adapter_dir)
+    if error is not None:  # before the model loads: nothing trained is lost
+        log.error("learner: cannot save versions (STROP_ADAPTER_DIR): %s", error)
+        return 2
     learner = build(settings, pause_at=os.environ.get(PAUSE_ENV) or None)
 
     def stop(signum, _frame) -> None:

@@ -136,9 +136,21 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Start a Celery worker: ingest and build tasks, beat embedded unless --no-beat."""
-    from worker.run import run_worker
+    """Start a Celery worker: ingest and build tasks, beat embedded unless --no-beat; or,
+    with `requeue`, send the dead-lettered builds back to the build queue."""
+    from worker.run import requeue, run_worker
 
+    if args.action == "requeue":
+        import redis
+
+        settings = get_settings()
+        try:
+            n = requeue(settings)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            print(f"strop: Redis is unreachable at {settings.redis_url}: {e}", file=sys.stderr)
+            return 1
+        print(f"strop: {n} dead-lettered builds requeued" if n else "strop: no dead letters")
+        return 0
     return run_worker(
         get_settings(), beat=not args.no_beat, concurrency=args.concurrency, pool=args.pool
     )
@@ -211,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_parser("resume", help="allow promotions again after the collapse guard halted them")
     p.set_defaults(func=cmd_adapters)
     p = sub.add_parser("worker", help="build scored groups and pairs from the prompt log")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["requeue"],
+        help="requeue: build the dead-lettered prompts again (after fixing their cause)",
+    )
     p.add_argument("--no-beat", action="store_true", help="don't embed beat (run `strop beat`)")
     p.add_argument("--concurrency", type=int, default=None, help="task processes (default: CPUs)")
     p.add_argument("--pool", default="prefork", help="Celery pool (default prefork)")

@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from strop.connection import connect
+from strop.queues import dead_letter_length
 from strop.settings import Settings
 from strop.snapshot import gather
 
@@ -144,6 +145,11 @@ def render(data: dict[str, Any], width: int = 48) -> str:
 
     q = data["queues"]
     lines += ["", "Queues", f"  build tasks {q['build']}   ingest tasks {q['ingest']}"]
+    if q.get("dead_letter"):
+        lines.append(
+            f"  dead letters {q['dead_letter']}   builds that failed for good: fix the cause "
+            "(worker log), then `strop worker requeue`"
+        )
     for name in ("prompt_log", "groups", "pairs"):
         s = q[name]
         lines.append(
@@ -199,6 +205,7 @@ def run(settings: Settings, window_s: float, watch: float | None, as_json: bool)
         while True:
             try:
                 data = gather(r, settings, window_s)
+                data["queues"]["dead_letter"] = dead_letter_length(r, settings.redis_prefix)
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 print(f"strop: Redis is unreachable at {settings.redis_url}: {e}", file=sys.stderr)
                 if not watch:

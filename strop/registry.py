@@ -15,6 +15,14 @@ from strop.records import AdapterVersion, Keys, PromotionHalt, RegistryEvent
 from strop.versions import version_name, version_number
 
 EVENTS_MAXLEN = 10_000
+# Decrement the version counter only if it still stands at ARGV[1] (nothing handed out since).
+_RELEASE = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') == tonumber(ARGV[1]) then
+  redis.call('DECR', KEYS[1])
+  return 1
+end
+return 0
+"""
 
 
 class Registry:
@@ -68,6 +76,11 @@ class Registry:
             self.r.set(self.keys.next_version, at_least)
             n = at_least
         return version_name(n)
+
+    def release_version(self, version: str) -> bool:
+        """Hand `version` back if it is the last name handed out; only for one that was
+        never published (its save failed before the rename). True if it was."""
+        return bool(self.r.eval(_RELEASE, 1, self.keys.next_version, version_number(version)))
 
     def add(self, version: AdapterVersion) -> None:
         """Record a new candidate (or re-record one, e.g. after a learner restart)."""

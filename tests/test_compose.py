@@ -307,7 +307,22 @@ def test_compose_services_listen_beyond_localhost_with_keys_required():
         assert any(p.endswith(":" + env["STROP_PORT"]) for p in s[name]["ports"]), name
     worker = environment(s["worker"])
     assert worker["STROP_HOST"] == "0.0.0.0"  # its metrics server binds STROP_HOST
-    assert worker["STROP_SERVICE_API_KEY"] == REQUIRED_ENV["STROP_API_KEYS"]
+
+
+def strop_settings(service: dict) -> Settings:
+    """The settings a strop container of the compose file starts with."""
+    env = {k: v for k, v in environment(service).items() if k.startswith("STROP_") and v}
+    return Settings(_env_file=None, **{k.removeprefix("STROP_").lower(): v for k, v in env.items()})
+
+
+@pytest.mark.parametrize("name", ["worker", "learner", "learner-cpu"])
+def test_compose_service_callers_send_one_key_of_several(name):
+    several = {**REQUIRED_ENV, "STROP_API_KEYS": "sk-first,sk-second"}
+    service = services(several)[name]
+    assert "," not in (environment(service).get("STROP_SERVICE_API_KEY") or "")
+    assert strop_settings(service).service_api_key == "sk-first"
+    chosen = services({**several, "STROP_SERVICE_API_KEY": "sk-second"})[name]
+    assert strop_settings(chosen).service_api_key == "sk-second"
 
 
 def test_compose_worker_reaches_a_service_under_either_profile():

@@ -18,6 +18,12 @@ In order, each step its own function:
    idempotency key is a hash of the log entry id, the method and N/G. The `reward`
    series (the live reward) gets the rewards of written groups only; a dropped group
    counts in the other metrics.
+
+A build that fails for a reason no retry cures (the service refuses the worker's key,
+answers another 4xx, or the record does not parse) goes to the dead-letter stream with its
+reason, in the same transaction as its marker (`dead:<reason>`); `strop worker requeue`
+builds them again once the cause is fixed. What a retry can cure (connection errors, 5xx,
+429) raises, and Celery retries it.
 """
 
 import hashlib
@@ -46,6 +52,7 @@ from judge import (
     select_pair,
     vote_answers,
 )
+from strop.queues import dead_letter_key
 from strop.records import PreferencePair, PromptLogRecord, ScoredGroup
 from strop.series import Obs, write_series
 from strop.settings import Settings
@@ -58,13 +65,15 @@ log = logging.getLogger("strop.worker.build")
 
 JUDGE_TEMPERATURE = 0.7  # moderate: K judgments should differ, yet stay on the rubric
 MARKER_TTL_S = 7 * 24 * 3600  # far longer than any redelivery or retry of the same entry
+DETAIL_CHARS = 500  # of an error message kept in a dead letter
 
 
 class ServiceBusy(Exception):
-    """The service answered 502/503/504: try again later."""
+    """The service answered 5xx, 408 or 409: try again later."""
 
 
-# What a retry can cure. Everything else (a 400, a bug) fails the task at once.
+# What a retry can cure. A 4xx answer is dead-lettered (`refusal`); anything else (a bug)
+# fails the task at once, and BuildTask.on_failure dead-letters it.
 TRANSIENT_ERRORS = (
     openai.APIConnectionError,  # includes APITimeoutError
     openai.RateLimitError,
@@ -119,17 +128,20 @@ def build_group(ctx: WorkerContext, log_id: str, deadline: float | None = None) 
         return f"already:{done}"
     started = time.monotonic()
     record = read_record(ctx, log_id)
+    if record == "bad_record":  # a newer writer's schema, say: a fixed worker may read it
+        return dead_letter(ctx, log_id, "bad_record", "the prompt-log record does not parse")
     if not isinstance(record, PromptLogRecord):
         return _finish(ctx, gid, None, None, [Obs("dropped", "unknown", label=record)], record)
     log.info("build %s: sampling %d answers", log_id, s.n_votes)
     try:
         samples = sample(ctx, record.messages, deadline)
-    except (openai.BadRequestError, openai.NotFoundError, openai.UnprocessableEntityError) as e:
-        # the service refuses this prompt (e.g. too long for its context): no retry helps
-        log.info("build %s: the service refused the prompt: %s", log_id, e)
-        obs = [Obs("dropped", record.version, label="rejected")]
-        return _finish(ctx, gid, None, None, obs, "rejected")
-    scored = score(ctx, record.messages, samples, deadline)
+        scored = score(ctx, record.messages, samples, deadline)
+    except openai.APIStatusError as e:
+        reason = refusal(e)
+        if reason is None:
+            raise  # 429: Celery retries it
+        # a wrong key, a prompt too long for the service's context...: no retry helps
+        return dead_letter(ctx, log_id, reason, f"{e.status_code}: {e.message}", record.version)
     version = samples.version
     # monitoring only, after the rewards are final: the gold answers never reach them
     obs = list(scored.obs) + probe_obs(
@@ -213,14 +225,26 @@ def mean_length(samples: Samples) -> float:
 
 
 def _chat(ctx: WorkerContext, deadline: float, **kwargs: Any) -> Any:
-    """One internal chat completion, ending by `deadline`; 502/503/504 become ServiceBusy."""
+    """One internal chat completion, ending by `deadline`; 5xx, 408 and 409 answers become
+    ServiceBusy."""
     timeout = max(1.0, deadline - time.monotonic())
     try:
         return ctx.service.chat.completions.create(timeout=timeout, **kwargs)
-    except openai.InternalServerError as e:
-        if e.status_code in (502, 503, 504):
+    except openai.APIStatusError as e:
+        if e.status_code >= 500 or e.status_code in (408, 409):
             raise ServiceBusy(f"service answered {e.status_code}") from e
         raise
+
+
+def refusal(e: openai.APIStatusError) -> str | None:
+    """The dead-letter reason of a service answer no retry cures, None if one may."""
+    if e.status_code == 401:
+        return "unauthorized"
+    if e.status_code == 403:
+        return "forbidden"
+    if 400 <= e.status_code < 500 and e.status_code not in (408, 409, 429):
+        return "rejected"
+    return None
 
 
 # --- 2. score ---------------------------------------------------------------------------
@@ -425,9 +449,10 @@ def commit(
     pair: PreferencePair | None,
     obs: list[Obs],
     outcome: str,
+    dead: dict[str, str] | None = None,
 ) -> bool:
-    """Write everything and the marker atomically, unless the marker exists. True if
-    this call wrote it."""
+    """Write everything (and the dead letter `dead`, if given) and the marker atomically,
+    unless the marker exists. True if this call wrote it."""
     s, keys = ctx.settings, ctx.keys
     marker = keys.built + gid
     with ctx.redis.pipeline(transaction=True) as pipe:
@@ -440,6 +465,9 @@ def commit(
                 pipe.xadd(keys.groups, group.to_stream(), maxlen=s.stream_maxlen, approximate=True)
             if pair is not None:
                 pipe.xadd(keys.pairs, pair.to_stream(), maxlen=s.stream_maxlen, approximate=True)
+            if dead is not None:
+                stream = dead_letter_key(keys.prefix)
+                pipe.xadd(stream, dead, maxlen=s.stream_maxlen, approximate=True)
             write_series(pipe, keys, obs, time.time())
             pipe.set(marker, outcome, ex=MARKER_TTL_S)
             pipe.execute()
@@ -449,6 +477,32 @@ def commit(
     return True
 
 
+def dead_letter(
+    ctx: WorkerContext, log_id: str, reason: str, detail: str, version: str = "unknown"
+) -> str:
+    """Put the build of `log_id` in the dead-letter stream (once, with its marker
+    `dead:<reason>`); returns its outcome. Entry fields: strop/queues.py."""
+    gid = group_id(log_id, ctx.settings)
+    entry = {
+        "log_id": log_id,
+        "group_id": gid,
+        "reason": reason,
+        "detail": detail[:DETAIL_CHARS],
+        "version": version,
+        "time": f"{time.time():.3f}",
+    }
+    obs = [Obs("dropped", version, label=reason)]
+    outcome = _finish(ctx, gid, None, None, obs, f"dead:{reason}", entry)
+    if not outcome.startswith("already:"):
+        log.warning(
+            "build %s dead-lettered (%s): %s; `strop worker requeue` builds it again",
+            log_id,
+            reason,
+            entry["detail"],
+        )
+    return outcome
+
+
 def _finish(
     ctx: WorkerContext,
     gid: str,
@@ -456,7 +510,8 @@ def _finish(
     pair: PreferencePair | None,
     obs: list[Obs],
     outcome: str,
+    dead: dict[str, str] | None = None,
 ) -> str:
-    if commit(ctx, gid, group, pair, obs, outcome):
+    if commit(ctx, gid, group, pair, obs, outcome, dead):
         return outcome
     return f"already:{ctx.redis.get(ctx.keys.built + gid)}"

@@ -1,12 +1,15 @@
 """The worker's Prometheus metrics: the same observations it writes to the time series
 (`strop/series.py`), per process, for scraping."""
 
+import logging
 import os
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from strop.series import VALUE_METRICS, Obs
+
+log = logging.getLogger("strop.worker")
 
 # --- Prometheus -------------------------------------------------------------------------
 
@@ -88,11 +91,12 @@ class WorkerMetrics:
                 self.values[o.metric].labels(o.version).observe(o.value / o.count)
 
 
-def start_metrics_server(port: int, host: str, metrics: WorkerMetrics | None = None) -> None:
-    """Serve /metrics on `port` (0: don't). Under PROMETHEUS_MULTIPROC_DIR, the sum over
-    every process of this worker; else `metrics`' own registry."""
+def start_metrics_server(port: int, host: str, metrics: WorkerMetrics | None = None) -> bool:
+    """Serve /metrics on `port` (0: don't); True if it does. Under PROMETHEUS_MULTIPROC_DIR,
+    the sum over every process of this worker; else `metrics`' own registry. A port in use
+    (a second worker on this host) is logged, not fatal: building matters more."""
     if not port:
-        return
+        return False
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
@@ -100,4 +104,9 @@ def start_metrics_server(port: int, host: str, metrics: WorkerMetrics | None = N
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = (metrics or WorkerMetrics()).registry
-    start_http_server(port, addr=host, registry=registry)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        log.warning("worker metrics not served on %s:%d: %s", host, port, e)
+        return False
+    return True

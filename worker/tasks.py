@@ -14,9 +14,9 @@ from celery import Task, shared_task
 from redis.exceptions import RedisError
 
 from strop.queues import BUILD_QUEUE
-from strop.series import Obs, write_series
+from strop.series import Obs
 from worker.app import soft_time_limit
-from worker.build import TRANSIENT_ERRORS
+from worker.build import TRANSIENT_ERRORS, dead_letter
 from worker.build import build_group as build
 from worker.context import get_context
 from worker.ingest import run_ingest
@@ -40,17 +40,13 @@ def ingest_prompts(self: Task) -> dict:
 
 class BuildTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        # out of retries, over time or a bug: the prompt is lost for training; count it
+        # out of retries, over time or a bug: dead-lettered, so a requeue can build it later
         log.warning("build %s failed: %s: %s", args[0] if args else "?", type(exc).__name__, exc)
         ctx = get_context(self.app)
-        obs = [Obs("dropped", "unknown", label="failed")]
-        ctx.metrics.observe(obs)
         try:
-            with ctx.redis.pipeline(transaction=True) as pipe:
-                write_series(pipe, ctx.keys, obs, time.time())
-                pipe.execute()
-        except RedisError:  # Redis down is likely why it failed; the counter has it
-            pass
+            dead_letter(ctx, args[0], "failed", f"{type(exc).__name__}: {exc}")
+        except RedisError:  # Redis down is likely why it failed: the counter has it at least
+            ctx.metrics.observe([Obs("dropped", "unknown", label="failed")])
 
 
 @shared_task(

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse
 from service.auth import CallerKeyId
 from service.protocol import APIError
 from strop.connection import connect
+from strop.queues import dead_letter_length
 from strop.snapshot import MAX_WINDOW_S, MIN_WINDOW_S, gather
 
 router = APIRouter(tags=["dashboard"])
@@ -43,14 +44,16 @@ async def dashboard_data(
     _: CallerKeyId,
     window: Annotated[int, Query(ge=MIN_WINDOW_S, le=MAX_WINDOW_S)] = 3600,
 ) -> dict[str, Any]:
-    """Versions, reward trends, traffic, queues and learner state (see strop/snapshot.py),
-    plus this service process's own request counts."""
+    """Versions, reward trends, traffic, queues (and the worker's dead letters) and learner
+    state (see strop/snapshot.py), plus this service process's own request counts."""
     service = request.app.state.service
 
     def read() -> dict[str, Any]:
         r = connect(service.settings.redis_url)
         try:
-            return gather(r, service.settings, window_s=window)
+            data = gather(r, service.settings, window_s=window)
+            data["queues"]["dead_letter"] = dead_letter_length(r, service.settings.redis_prefix)
+            return data
         finally:
             r.close()
 

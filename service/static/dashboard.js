@@ -320,6 +320,11 @@ function renderQueues(q) {
   const rows = [
     h("tr", {}, h("th", {}, "build tasks"), h("td", { class: "num" }, q.build), h("td", { class: "muted" }, "Celery queue (backpressure)")),
     h("tr", {}, h("th", {}, "ingest tasks"), h("td", { class: "num" }, q.ingest), h("td", {}, "")),
+    h("tr", { "data-queue": "dead_letter", class: q.dead_letter ? "bad" : "" },
+      h("th", {}, "dead letters"), h("td", { class: "num" }, q.dead_letter ?? 0),
+      h("td", { class: "muted" }, q.dead_letter
+        ? ["builds that failed for good: fix the cause, then ", h("code", {}, "strop worker requeue")]
+        : "no failed builds")),
   ];
   for (const [name, reader] of [["prompt_log", "ingest"], ["groups", "learner"], ["pairs", "learner"]]) {
     const s = q[name];

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from ops.status import BLOCKS, bucket, render, sparkline
+from strop.queues import dead_letter_key
 from strop.records import AdapterVersion, Keys, PromotionHalt, PromptLogRecord, SamplingRecord
 from strop.registry import Registry
 from strop.series import Obs, write_series
@@ -181,3 +182,25 @@ def test_strop_status_promotion_halted_shows_collapse_reason(redis_client, seede
     assert "rolled v2 back to v1" in text and "strop adapters resume" in text
     registry.resume()
     assert gather(redis_client, settings)["halted"] is None
+
+
+def test_strop_status_dead_letters_shown_with_requeue_hint(redis_client, seeded):
+    dead = dead_letter_key(seeded.prefix)
+    for i in range(2):
+        redis_client.xadd(dead, {"log_id": f"{i}-0", "group_id": f"g{i}", "reason": "unauthorized"})
+    env = {**os.environ, "STROP_REDIS_URL": REDIS_URL, "STROP_REDIS_PREFIX": seeded.prefix}
+
+    def status(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "ops.cli", "status", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    line = next(x for x in status().splitlines() if "dead letters" in x)
+    assert "dead letters 2" in line and "strop worker requeue" in line
+    assert json.loads(status("--json"))["queues"]["dead_letter"] == 2

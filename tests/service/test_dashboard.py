@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from strop.queues import dead_letter_key
 from strop.records import AdapterVersion, Keys, PromotionHalt
 from strop.registry import Registry
 from strop.series import Obs, write_series
@@ -138,6 +139,10 @@ def test_dashboard_live_data_renders_charts_and_rollback_moves_pointer(
 
     registry = seed_redis(redis_client, live_settings)
     keys = Keys(live_settings.redis_prefix)
+    for i in range(2):  # builds the worker gave up on (a refused key)
+        redis_client.xadd(
+            dead_letter_key(keys.prefix), {"log_id": f"{i}-0", "reason": "unauthorized"}
+        )
     with ServerThread(live_settings, tiny_engine) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
         for i in range(4):
@@ -192,6 +197,8 @@ def test_dashboard_live_data_renders_charts_and_rollback_moves_pointer(
         assert tile("serving") == "v32"
         assert browser.find_element(By.ID, "learner-phase").text == "waiting"
         assert browser.find_element(By.CSS_SELECTOR, '#queues tr[data-queue="prompt_log"]')
+        dead = browser.find_element(By.CSS_SELECTOR, '#queues tr[data-queue="dead_letter"]')
+        assert "dead letters 2" in dead.text and "strop worker requeue" in dead.text
 
         # rollback: the first click names the move, the second makes it
         button = browser.find_element(By.ID, "rollback")
@@ -246,6 +253,7 @@ def test_dashboard_data_without_key_returns_401_and_page_is_public(settings, tin
         auth = {"Authorization": f"Bearer {API_KEY}"}
         data = httpx.get(server.url + "/dashboard/data?window=900", headers=auth).json()
         assert data["window_s"] == 900 and data["versions"] == [] and data["learner"] is None
+        assert data["queues"]["dead_letter"] == 0
         assert len(data["traffic"]["minutes"]) in (15, 16)
         bad = httpx.get(server.url + "/dashboard/data?window=5", headers=auth)
         assert bad.status_code == 400
