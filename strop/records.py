@@ -30,9 +30,14 @@ class Keys:
         self.learner_group = "learner"  # consumer group of the learner on groups/pairs
         self.dedupe = f"{prefix}dedupe:"  # + prompt hash: recently seen prompts
         self.built = f"{prefix}built:"  # + idempotency key: groups already written
+        self.logged = f"{prefix}logged:"  # + request id: prompt-log records already written
+        self.feedback = f"{prefix}feedback"  # stream of FeedbackRecord (worker: late feedback)
+        self.feedback_of = f"{prefix}feedback:"  # + request id: the latest FeedbackRecord JSON
+        self.feedback_count = f"{prefix}feedback_count:"  # + request id: how often it was rated
         self.series = f"{prefix}ts:"  # + metric name: time series (sorted sets)
         self.learner_state = f"{prefix}learner:state"  # hash: what the learner is doing
         self.halted = f"{prefix}halted"  # string: PromotionHalt JSON while promotion is halted
+        self.key_id_secret = f"{prefix}key_id_secret"  # string: HMAC secret of logged key ids
 
 
 def new_request_id() -> str:
@@ -75,9 +80,25 @@ class PromptLogRecord(Record):
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
-    key_id: str  # a hash of the caller's key, never the key
+    key_id: str  # an HMAC of the caller's key (service/auth.py), never the key
     stream: bool = False
     internal: bool = False  # the worker's own sampling/judging (never written, kept for clarity)
+
+
+class FeedbackRecord(Record):
+    """A caller's verdict on one of its own chat completions (POST /v1/strop/feedback).
+
+    Only the latest one per request counts; `revision` says how many came before it."""
+
+    request_id: str  # the chat completion's id (`chatcmpl-...`)
+    choice: int = 0
+    score: float | None = None  # -1..1; thumbs up is 1, down is -1
+    answer: str | None = None  # the correct final answer, as the user states it
+    preferred: str | None = None  # a better reply than the one served
+    key_id: str  # the caller's key id (the same HMAC as PromptLogRecord.key_id)
+    version: str | None = None  # what served the rated reply, when known
+    revision: int = 1
+    time: float = Field(default_factory=time.time)
 
 
 class ScoredGroup(Record):

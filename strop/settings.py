@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     """Context length in tokens; default: the model's own."""
     max_stop_sequences: int = 4
     """Most `stop` strings per request (OpenAI allows 4)."""
+    max_queued_sequences: int = 512
+    """Most sequences (`n` per request) the service has in the engine at once, running or
+    waiting for the batch; a request beyond gets 429 with Retry-After."""
+    max_queued_per_key: int = 64
+    """Most sequences one API key has in the engine at once (internal requests: only the
+    overall limit); a request beyond gets 429 with Retry-After."""
 
     # --- API ----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -79,6 +85,11 @@ class Settings(BaseSettings):
     """Comma-separated bearer keys for the chat API; none = open, localhost only."""
     admin_key: str | None = None
     """Bearer key for admin endpoints (adapter load/unload, rollback)."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body in bytes; a larger one is refused with 413 before it is parsed."""
+    key_id_secret: str | None = None
+    """Secret under which logged key ids are HMACs of the API keys; unset: a random one
+    that the first process stores in Redis (`<prefix>key_id_secret`) and all share."""
 
     # --- prompt log ---------------------------------------------------------------------
     log_stream_maxlen: int = 100_000
@@ -86,12 +97,21 @@ class Settings(BaseSettings):
     log_buffer_size: int = 10_000
     """Records held in memory while Redis is unreachable; the oldest are dropped beyond."""
 
+    # --- feedback -----------------------------------------------------------------------
+    feedback_window_s: int = 7 * 24 * 3600
+    """How long after a chat completion its caller may rate it (POST /v1/strop/feedback)."""
+    feedback_rate_limit: int = 60
+    """Feedback requests one API key may send per minute; beyond it, 429."""
+    feedback_weight: float = 2.0
+    """Weight in the learner's loss of a group or pair that carries user feedback."""
+
     # --- worker: ingest and build -------------------------------------------------------
     service_url: str = "http://127.0.0.1:8000"
     """The chat service the worker samples and judges through, and the learner's gate asks
     (internal requests)."""
     service_api_key: str | None = None
-    """Bearer key the worker and the learner send to the service (one of STROP_API_KEYS, if set)."""
+    """Bearer key the worker and the learner send to the service; unset: the first of
+    STROP_API_KEYS."""
     reward_method: Literal["ttrl", "judge", "auto", "gold"] = "auto"
     """`ttrl` majority vote, `judge` LLM-as-judge, `auto` TTRL where answers are extractable;
     `gold`: reward against the known answers of STROP_GOLD_FILE (the ceiling a label-free
@@ -222,6 +242,13 @@ class Settings(BaseSettings):
             if name not in self.model_fields_set:
                 object.__setattr__(self, name, value)
         object.__setattr__(self, "profile", chosen)
+        return self
+
+    @model_validator(mode="after")
+    def _service_key_default(self) -> "Settings":
+        # started with the service's environment, the worker and learner use its first key
+        if not self.service_api_key:
+            object.__setattr__(self, "service_api_key", self.api_keys[0] if self.api_keys else None)
         return self
 
     @field_validator("api_keys", "lora_target_modules", mode="before")
