@@ -505,7 +505,8 @@ def main() -> None:
         r = connect(Settings().redis_url)
         for key in r.scan_iter(env["STROP_REDIS_PREFIX"] + "*"):
             r.delete(key)
-    report(results, args.out, args.minutes)
+        # after every arm, so a long run cut short still leaves the arms it finished
+        report(results, args.out, args.minutes)
 
 
 if __name__ == "__main__":
