@@ -85,6 +85,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             settings.log_stream_maxlen,
             settings.log_buffer_size,
             on_drop=lambda reason, n: metrics.log_drops.labels(reason).inc(n),
+            ttl_s=settings.feedback_window_s,
+            nolog_prefix=keys.nolog,
         )
         versions = Versions(
             eng,
@@ -124,9 +126,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="strop", version="0.1.0", lifespan=lifespan)
 
-    from service.routes import adapters, chat, dashboard, ops
+    from service.routes import adapters, chat, dashboard, feedback, ops
 
     app.include_router(chat.router)
+    app.include_router(feedback.router)
     app.include_router(adapters.router)
     app.include_router(ops.router)
     app.include_router(dashboard.router)

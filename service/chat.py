@@ -426,6 +426,8 @@ class ChatService:
         m.prompt_tokens.inc(usage.prompt_tokens)
         m.completion_tokens.inc(usage.completion_tokens)
         if not call.log:
+            if not call.internal:  # so its feedback gets 409, not 404
+                self.promptlog.mark_unlogged(rid, call.key)
             return
         req = call.req
         self.promptlog.append(

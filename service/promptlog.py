@@ -9,12 +9,18 @@ skipped there; nothing a request carries can stop the writer.
 A batch whose write timed out is sent again, but a frozen Redis may still run the first
 copy when it wakes; each record is therefore added only if its request id has no marker
 yet (one Lua script per batch), so a record is in the stream once.
+
+The marker also says who owns the request (`key_id|stream entry id|version|n`) and lives
+as long as its caller may rate it (POST /v1/strop/feedback). A request that opted out of
+logging leaves only a `nolog` marker holding its key id, so that endpoint can say why it
+cannot be rated; those are written by the same task, never on a request's path.
 """
 
 import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 from redis.exceptions import RedisError
 
@@ -28,11 +34,15 @@ RETRY_S = (0.05, 0.1, 0.25, 0.5, 1.0)  # back-off while Redis is down
 # Longer than any Redis freeze a timed-out write could sit out; one small key per record.
 WRITTEN_TTL_S = 900
 
-# KEYS: the stream, then one marker per record; ARGV: maxlen, ttl, then each record's data.
+# KEYS: the stream, then one marker per record; ARGV: maxlen, ttl, then per record its
+# data, key id, version and n. SET NX first: a marker already there means written before.
 ADD_ONCE = """
 for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[i + 1])
+  local a = 3 + (i - 2) * 4
+  if redis.call('SET', KEYS[i], '', 'NX', 'EX', ARGV[2]) then
+    local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[a])
+    local owner = ARGV[a + 1] .. '|' .. id .. '|' .. ARGV[a + 2] .. '|' .. ARGV[a + 3]
+    redis.call('SET', KEYS[i], owner, 'EX', ARGV[2])
   end
 end
 return #KEYS - 1
@@ -40,13 +50,34 @@ return #KEYS - 1
 DROP_REASONS = ("buffer_full", "unserializable", "write_error")
 
 
+class Marker(NamedTuple):
+    """What a written record's marker says about its request."""
+
+    key_id: str
+    entry_id: str  # the record's id in the prompt-log stream
+    version: str
+    n: int
+
+
+def parse_marker(raw: bytes | str | None) -> Marker | None:
+    """The marker's fields; None if absent or of the older, bare kind ("1")."""
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    parts = text.split("|")
+    if len(parts) != 4 or not parts[3].isdigit():
+        return None
+    return Marker(parts[0], parts[1], parts[2], int(parts[3]))
+
+
 class _Entry:
     """One serialised record; its identity tells a written entry from a newer one."""
 
-    __slots__ = ("request_id", "data")
+    __slots__ = ("request_id", "data", "key_id", "version", "n")
 
-    def __init__(self, request_id: str, data: str):
+    def __init__(self, request_id: str, data: str, key_id: str, version: str, n: int):
         self.request_id, self.data = request_id, data
+        self.key_id, self.version, self.n = key_id, version, n
 
 
 class PromptLog:
@@ -60,9 +91,16 @@ class PromptLog:
         maxlen: int,
         buffer_size: int,
         on_drop: Callable[[str, int], None] | None = None,
+        ttl_s: int = WRITTEN_TTL_S,
+        nolog_prefix: str | None = None,
     ):
         self.stream, self.written_prefix, self.maxlen = stream, written_prefix, maxlen
+        self.ttl_s = max(WRITTEN_TTL_S, ttl_s)
+        self.nolog_prefix = nolog_prefix
         self.buffer: deque[_Entry] = deque()
+        # (request id, key id) of opted-out requests; losing the oldest when full only
+        # turns their feedback's 409 into a 404, so it is not counted as a drop.
+        self.unlogged: deque[tuple[str, str]] = deque(maxlen=buffer_size)
         self.buffer_size = buffer_size
         self.written = 0
         self.drops: dict[str, int] = {}  # reason -> records dropped
@@ -94,7 +132,13 @@ class PromptLog:
     def append(self, record: PromptLogRecord) -> None:
         """Queue a record for writing; never blocks, never raises."""
         try:
-            entry = _Entry(record.request_id, record.to_stream()["data"])
+            entry = _Entry(
+                record.request_id,
+                record.to_stream()["data"],
+                record.key_id,
+                record.version,
+                record.sampling.n,
+            )
         except Exception as e:  # e.g. text pydantic cannot encode: skip it, count it
             log.warning(
                 "prompt log: record %s dropped, not serialisable (%s)",
@@ -112,6 +156,12 @@ class PromptLog:
         self.buffer.append(entry)
         self._wake.set()
 
+    def mark_unlogged(self, request_id: str, key_id: str) -> None:
+        """Remember that `request_id` (of `key_id`) opted out of logging; never blocks."""
+        if self.nolog_prefix is not None:
+            self.unlogged.append((request_id, key_id))
+            self._wake.set()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="promptlog")
         self._task.add_done_callback(_report_end)
@@ -120,7 +170,11 @@ class PromptLog:
         """Flush what is buffered (bounded wait), then stop."""
         if self._task:
             deadline = asyncio.get_running_loop().time() + flush_timeout_s
-            while self.buffer and self.redis_ok and asyncio.get_running_loop().time() < deadline:
+            while (
+                (self.buffer or self.unlogged)
+                and self.redis_ok
+                and asyncio.get_running_loop().time() < deadline
+            ):
                 self._wake.set()
                 await asyncio.sleep(0.02)
             self._task.cancel()
@@ -130,26 +184,38 @@ class PromptLog:
     async def _run(self) -> None:
         failures = 0
         while True:
-            if not self.buffer:
+            if not self.buffer and not self.unlogged:
                 self._wake.clear()
                 await self._wake.wait()
+            if self.unlogged:
+                try:
+                    await self._write_unlogged()
+                except (RedisError, OSError) as e:
+                    await self._redis_down(e, failures)
+                    failures += 1
+                    continue
+                except Exception:  # a bug, not Redis: forget these rather than stop logging
+                    log.exception("prompt log: opt-out markers could not be written")
+                    self.unlogged.clear()
+                if not self.buffer:
+                    self._redis_back()
+                    failures = 0
+                    continue
             batch = [self.buffer[i] for i in range(min(BATCH, len(self.buffer)))]
             self._inflight = {id(entry) for entry in batch}
+            args: list = [self.maxlen, self.ttl_s]
+            for e in batch:
+                args += [e.data, e.key_id, e.version, e.n]
             try:
                 await self._add_once(
                     keys=[self.stream, *(self.written_prefix + e.request_id for e in batch)],
-                    args=[self.maxlen, WRITTEN_TTL_S, *(e.data for e in batch)],
+                    args=args,
                 )
             except (RedisError, OSError) as e:
                 self._inflight = set()
                 self._drop("buffer_full", self._evicted_inflight)  # evicted while it failed
                 self._evicted_inflight = 0
-                if self.redis_ok:
-                    log.warning(
-                        "prompt log: redis unreachable (%s); buffering", e.__class__.__name__
-                    )
-                self.redis_ok = False
-                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+                await self._redis_down(e, failures)
                 failures += 1
                 continue
             except Exception:
@@ -165,9 +231,30 @@ class PromptLog:
             # buffer overflowed during the write, the oldest (ours) are already gone.
             self._remove(batch)
             self.written += len(batch)
-            if not self.redis_ok:
-                log.warning("prompt log: redis is back; %d records buffered", len(self.buffer))
-            self.redis_ok, failures = True, 0
+            self._redis_back()
+            failures = 0
+
+    async def _redis_down(self, e: Exception, failures: int) -> None:
+        if self.redis_ok:
+            log.warning("prompt log: redis unreachable (%s); buffering", e.__class__.__name__)
+        self.redis_ok = False
+        await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+
+    def _redis_back(self) -> None:
+        if not self.redis_ok:
+            log.warning("prompt log: redis is back; %d records buffered", len(self.buffer))
+        self.redis_ok = True
+
+    async def _write_unlogged(self) -> None:
+        # Plain SETs are idempotent, so a batch that timed out is simply sent again.
+        batch = [self.unlogged[i] for i in range(min(BATCH, len(self.unlogged)))]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, key_id in batch:
+                pipe.set(self.nolog_prefix + request_id, key_id, ex=self.ttl_s)
+            await pipe.execute()
+        for item in batch:
+            if self.unlogged and self.unlogged[0] is item:
+                self.unlogged.popleft()
 
     def _remove(self, batch: list[_Entry]) -> None:
         for entry in batch:
