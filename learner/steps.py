@@ -52,7 +52,8 @@ def dpo_step(
         seq, ref_seq = logps.sum(1), ref.sum(1)  # (2B,)
     pc, pr = seq.chunk(2)  # (B,) each
     rc, rr = ref_seq.chunk(2)  # (B,) each
-    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type)
+    weights = torch.tensor([p.weight for p in pairs], dtype=pc.dtype, device=pc.device)  # (B,)
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, weights=weights)
     return loss, metrics, float(len(pairs))
 
 
@@ -97,8 +98,9 @@ def grpo_step(
     advantages = torch.cat(
         [group_advantages(torch.tensor([g.rewards], dtype=torch.float32)) for g in groups]
     ).to(logps.device)  # (B*G,)
+    weights = torch.tensor([g.weight for g, _ in rows], dtype=logps.dtype).to(logps.device)
     loss, metrics = grpo_loss(
-        logps, behaviour, ref, advantages, mask, clip_eps=clip_eps, kl_coef=kl_coef
+        logps, behaviour, ref, advantages, mask, clip_eps=clip_eps, kl_coef=kl_coef, weights=weights
     )
     return loss, metrics, float(mask.sum())
 

@@ -187,8 +187,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ops.demo import run_demo
 
     return run_demo(
-        get_settings(), versions=args.versions, minutes=args.minutes, held_out=args.held_out
+        get_settings(),
+        versions=args.versions,
+        minutes=args.minutes,
+        held_out=args.held_out,
+        feedback=args.feedback,
     )
+
+
+def _share(text: str) -> float:
+    x = float(text)
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, not {text}")
+    return x
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=30, help="give up after this long")
     p.add_argument(
         "--held-out", type=int, default=40, help="labeled questions for the accuracy check"
+    )
+    p.add_argument(
+        "--feedback",
+        type=_share,
+        default=0.0,
+        metavar="SHARE",
+        help="send the true answer as user feedback on this share (0..1) of the questions",
     )
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("learner", help="train, gate and promote adapter versions")

@@ -5,6 +5,10 @@ through the `openai` client, shows progress (prompts, groups, pairs, versions), 
 once enough versions were promoted (or time is up). Then: a table of versions with their
 mean reward, and the accuracy of `base` vs the promoted `strop` version on a held-out
 labeled set that is sent with `X-Strop-No-Log: 1`, so it never enters the prompt log.
+
+`--feedback SHARE`: on that share of its verifiable questions the demo tells the service
+the true answer (POST /v1/strop/feedback), as a user who knows it would; the worker then
+labels those prompts' groups with it.
 """
 
 import random
@@ -47,10 +51,71 @@ BACKLOG = 4  # prompts logged but not yet built: more would only compete for the
 
 
 def _client(settings: Settings) -> openai.OpenAI:
-    key = settings.service_api_key or (settings.api_keys[0] if settings.api_keys else "none")
     return openai.OpenAI(
-        base_url=settings.service_url + "/v1", api_key=key, max_retries=2, timeout=600
+        base_url=settings.service_url + "/v1", api_key=_key(settings), max_retries=2, timeout=600
     )
+
+
+def _key(settings: Settings) -> str:
+    return settings.service_api_key or (settings.api_keys[0] if settings.api_keys else "none")
+
+
+class FeedbackSender:
+    """Posts the true answer of a question as feedback on its completion. A service without
+    the endpoint (a plain 404) gets one warning line and no more feedback."""
+
+    RETRIES_S = (1.0, 2.0, 4.0)  # the prompt log is buffered: a fresh id may not be rateable
+
+    def __init__(self, settings: Settings):
+        self.http = httpx.Client(
+            base_url=settings.service_url,
+            headers={"Authorization": f"Bearer {_key(settings)}"},
+            timeout=30,
+        )
+        self.sent = self.failed = 0
+        self.off = False
+
+    def send(self, request_id: str, answer: str) -> bool:
+        """True once the service stored it."""
+        for wait in (0.0, *self.RETRIES_S):
+            if self.off:
+                return False
+            time.sleep(wait)
+            try:
+                resp = self.http.post(
+                    "/v1/strop/feedback", json={"id": request_id, "answer": answer}
+                )
+            except httpx.HTTPError as e:
+                print(f"feedback failed: {e}", flush=True)
+                break
+            if resp.status_code == 200:
+                self.sent += 1
+                return True
+            code = _error_code(resp)
+            if resp.status_code == 404 and code != "completion_not_found":
+                if not self.off:
+                    self.off = True
+                    print(
+                        "warning: the service has no feedback endpoint (POST /v1/strop/feedback "
+                        "answered 404); the demo goes on without feedback",
+                        flush=True,
+                    )
+                return False
+            if code != "completion_not_found":  # anything else will not get better
+                print(f"feedback refused: {resp.status_code} {resp.text[:200]}", flush=True)
+                break
+        self.failed += 1
+        return False
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _error_code(resp: httpx.Response) -> str | None:
+    try:
+        return (resp.json().get("error") or {}).get("code")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _wait_healthy(url: str, timeout_s: float = 600) -> None:
@@ -92,8 +157,15 @@ def rewards_by_version(r: redis.Redis, keys: Keys) -> dict[str, list[float]]:
     return out
 
 
-def run_demo(settings: Settings, versions: int = 2, minutes: float = 30, held_out: int = 40) -> int:
-    """Send traffic until `versions` promotions happened (or `minutes` passed); report."""
+def run_demo(
+    settings: Settings,
+    versions: int = 2,
+    minutes: float = 30,
+    held_out: int = 40,
+    feedback: float = 0.0,
+) -> int:
+    """Send traffic until `versions` promotions happened (or `minutes` passed); report.
+    `feedback`: the share of verifiable questions whose true answer is sent as feedback."""
     keys = Keys(settings.redis_prefix)
     r = connect(settings.redis_url)
     registry = Registry(r, keys)
@@ -103,10 +175,17 @@ def run_demo(settings: Settings, versions: int = 2, minutes: float = 30, held_ou
 
     held = make_labeled_set(held_out, seed=HELD_OUT_SEED)
     held_prompts = {q.prompt for q in held}
-    train = [
-        q.prompt for q in make_labeled_set(400, seed=TRAIN_SEED) if q.prompt not in held_prompts
-    ]
+    answers = {
+        q.prompt: q.answer
+        for q in make_labeled_set(400, seed=TRAIN_SEED)
+        if q.prompt not in held_prompts
+    }
+    train = list(answers)
     rng = random.Random(TRAIN_SEED)
+    # chosen up front, so a rerun rates the same questions
+    pick = random.Random(TRAIN_SEED + 1)  # its own, so the traffic's order is unchanged
+    rated = {p for p in train if pick.random() < feedback}
+    fb = FeedbackSender(settings) if rated else None
     traffic = train + OPEN_ENDED
     rng.shuffle(traffic)
 
@@ -116,13 +195,16 @@ def run_demo(settings: Settings, versions: int = 2, minutes: float = 30, held_ou
 
     def send(prompt: str) -> None:
         try:
-            client.chat.completions.create(
+            resp = client.chat.completions.create(
                 model="strop", max_tokens=64, messages=[{"role": "user", "content": prompt}]
             )
             sent[0] += 1
         except openai.OpenAIError as e:
             failed[0] += 1
             print(f"request failed: {e}", flush=True)
+            return
+        if fb is not None and prompt in rated:
+            fb.send(resp.id, answers[prompt])
 
     def backlog() -> int:
         q = queues(r, keys, settings)
@@ -158,13 +240,17 @@ def run_demo(settings: Settings, versions: int = 2, minutes: float = 30, held_ou
                 f"[{time.time() - start:5.0f}s] prompts sent {sent[0]} (failed {failed[0]}) | "
                 f"groups {r.xlen(keys.groups)} | pairs {r.xlen(keys.pairs)} | versions "
                 f"{len(all_versions)} ({len(new_promoted)} promoted now, strop -> "
-                f"{registry.promoted() or 'base'})",
+                f"{registry.promoted() or 'base'})"
+                + (f" | feedback {fb.sent}" if fb is not None else ""),
                 flush=True,
             )
         if reached:
             break
         time.sleep(2)
     stop.set()
+    if fb is not None:
+        sender.join(timeout=60)  # its last requests may still post feedback
+        fb.close()
 
     # --- the report -------------------------------------------------------------------
     print("\nversions:")

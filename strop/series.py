@@ -17,13 +17,17 @@ Metrics (the version is the adapter version that served the user for ingest metr
 the one that sampled the group for build metrics):
 
 - counts: ingested, enqueued, dropped (label: reason), built (label: method), pairs,
-  paused (version "all": ingest runs that found the queue full);
+  paused (version "all": ingest runs that found the queue full), feedback (user feedback
+  read by the worker, per version that served the rated reply; label: up, down, answer,
+  preferred);
 - values (mean = sum / count): reward (per completion, of the groups written: see
   `live_reward`), majority_ratio, extraction_rate (per group), judge_score (per judged
   completion; label: rounded score, a distribution), label_accuracy and reward_accuracy
   (probe prompts only), answer_length (per group: mean tokens of its N samples),
   answer_entropy (per voted group: entropy of its answers' vote, 0 = all agree, 1 = all
-  differ): the collapse detector's signals.
+  differ): the collapse detector's signals; feedback_agreement (per group with both a
+  vote and a user's answer: 1 if the majority label is the user's answer, a live label
+  accuracy).
 """
 
 import time
@@ -36,7 +40,7 @@ from strop.records import Keys
 
 SERIES_TTL_S = 8 * 24 * 3600  # a week of per-minute history, plus a day of slack
 
-COUNT_METRICS = ("ingested", "enqueued", "dropped", "built", "pairs", "paused")
+COUNT_METRICS = ("ingested", "enqueued", "dropped", "built", "pairs", "paused", "feedback")
 VALUE_METRICS = (
     "reward",
     "majority_ratio",
@@ -46,6 +50,7 @@ VALUE_METRICS = (
     "reward_accuracy",
     "answer_length",
     "answer_entropy",
+    "feedback_agreement",
 )
 
 

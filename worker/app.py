@@ -68,9 +68,8 @@ def create_app(settings: Settings) -> Celery:
         # a retry waits out its countdown in a worker, unacknowledged: countdown + run time
         # must stay under the visibility timeout, or the broker hands out a second copy
         task_annotations={
-            "worker.build_group": {
-                "retry_backoff_max": max(1, min(120, vt - settings.task_time_limit_s))
-            }
+            name: {"retry_backoff_max": max(1, min(120, vt - settings.task_time_limit_s))}
+            for name in ("worker.build_group", "worker.build_feedback")
         },
         beat_schedule={
             "ingest-prompts": {

@@ -26,7 +26,6 @@ builds them again once the cause is fixed. What a retry can cure (connection err
 429) raises, and Celery retries it.
 """
 
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,12 +51,15 @@ from judge import (
     select_pair,
     vote_answers,
 )
+from strop.feedback_trust import is_flagged, trust_field
 from strop.queues import dead_letter_key
 from strop.records import PreferencePair, PromptLogRecord, ScoredGroup
 from strop.series import Obs, write_series
 from strop.settings import Settings
 from strop.versions import version_of_model
 from worker.context import WorkerContext
+from worker.feedback import label_with_feedback, read_feedback
+from worker.ids import feedback_gid, group_id
 from worker.probe import probe_key, probe_obs
 from worker.prompts import last_user_text
 
@@ -110,28 +112,30 @@ class Scored:
     obs: tuple[Obs, ...]  # what scoring measured; the reward itself only once written
 
 
-def group_id(log_id: str, settings: Settings) -> str:
-    """Idempotency key: the same entry built the same way is one group."""
-    key = f"{log_id}|{settings.reward_method}|{settings.n_votes}|{settings.n_train}"
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
-
-
-def build_group(ctx: WorkerContext, log_id: str, deadline: float | None = None) -> str:
+def build_group(
+    ctx: WorkerContext, log_id: str, deadline: float | None = None, late: str | None = None
+) -> str:
     """Build the group of prompt-log entry `log_id`; returns its outcome (`built`, a drop
     reason, or `already:<outcome>` when an earlier run wrote it). `deadline` is a
-    time.monotonic() instant every service call must end by."""
+    time.monotonic() instant every service call must end by. `late`: a request id whose
+    feedback came after its prompt was built; builds its feedback group (worker/feedback.py)."""
     s, r, keys = ctx.settings, ctx.redis, ctx.keys
     deadline = deadline if deadline is not None else time.monotonic() + s.task_time_limit_s
-    gid = group_id(log_id, s)
+    gid = feedback_gid(late) if late else group_id(log_id, s)
     done = r.get(keys.built + gid)
     if done is not None:  # a redelivered or retried task: the work is already durable
         return f"already:{done}"
     started = time.monotonic()
     record = read_record(ctx, log_id)
-    if record == "bad_record":  # a newer writer's schema, say: a fixed worker may read it
+    if record == "bad_record" and not late:  # a newer writer's schema: a fixed worker may
         return dead_letter(ctx, log_id, "bad_record", "the prompt-log record does not parse")
     if not isinstance(record, PromptLogRecord):
         return _finish(ctx, gid, None, None, [Obs("dropped", "unknown", label=record)], record)
+    fb = read_feedback(ctx, record)
+    if late and (fb is None or record.request_id != late):
+        return "no_feedback"
+    # a build that uses the feedback is its feedback group: no late build after it
+    also = [keys.built + feedback_gid(record.request_id)] if fb and not late else []
     log.info("build %s: sampling %d answers", log_id, s.n_votes)
     try:
         samples = sample(ctx, record.messages, deadline)
@@ -140,6 +144,15 @@ def build_group(ctx: WorkerContext, log_id: str, deadline: float | None = None) 
         reason = refusal(e)
         if reason is None:
             raise  # 429: Celery retries it
+        if late:  # its prompt's own build went through; this one is not worth a dead letter
+            return _finish(
+                ctx,
+                gid,
+                None,
+                None,
+                [Obs("dropped", record.version, label=reason)],
+                f"dead:{reason}",
+            )
         # a wrong key, a prompt too long for the service's context...: no retry helps
         return dead_letter(ctx, log_id, reason, f"{e.status_code}: {e.message}", record.version)
     version = samples.version
@@ -148,20 +161,52 @@ def build_group(ctx: WorkerContext, log_id: str, deadline: float | None = None) 
         ctx.probes, record.messages, list(scored.answers), scored.vote, scored.vote_rewards, version
     )
     obs.append(Obs("answer_length", samples.version, mean_length(samples)))
-    if scored.drop is not None:
-        obs.append(Obs("dropped", version, label=scored.drop))
-        outcome = _finish(ctx, gid, None, None, obs, scored.drop)
+    trust: list[str] = []
+    if fb is not None:
+        lab = label_with_feedback(
+            gid,
+            log_id,
+            record,
+            fb,
+            samples.texts,
+            samples.token_logprobs,
+            version,
+            scored,
+            last_user_text(record.messages),
+            s,
+            trusted=not is_flagged(
+                r, keys, record.key_id, s.feedback_trust_min, s.feedback_trust_margin
+            ),
+        )
+        group, pair, drop, rewards = lab.group, lab.pair, lab.drop, lab.sampled_rewards
+        if lab.agreed is not None:  # counted with the group: once, however often it runs
+            trust = [trust_field(record.key_id, lab.agreed)]
+        obs += lab.obs
+        method = group.method if group else pair.method if pair else scored.method
     else:
-        group, pair = make_records(gid, log_id, record, samples, scored, s)
-        obs.append(Obs("built", version, label=scored.method))
-        # live reward (strop.series.live_reward): the written groups' rewards only, so the
-        # dashboard and the rollback see what training sees
-        obs.append(Obs("reward", version, sum(scored.rewards), len(scored.rewards)))
+        group = pair = None
+        drop, rewards, method = scored.drop, list(scored.rewards), scored.method
+        if drop is None:
+            group, pair = make_records(gid, log_id, record, samples, scored, s)
+    if group is None and pair is None:
+        obs.append(Obs("dropped", version, label=drop))
+        outcome = _finish(ctx, gid, None, None, obs, drop, also=also, trust=trust)
+    else:
+        if group is not None:
+            obs.append(Obs("built", version, label=method))
+            # live reward (strop.series.live_reward): the written groups' rewards only, so
+            # the dashboard and the rollback see what training sees
+            obs.append(Obs("reward", version, sum(rewards), len(rewards)))
         if pair is not None:
             obs.append(Obs("pairs", version))
-        outcome = _finish(ctx, gid, group, pair, obs, "built")
+        outcome = _finish(ctx, gid, group, pair, obs, "built", also=also, trust=trust)
     ctx.metrics.build_seconds.observe(time.monotonic() - started)
-    log.info("build %s: %s (version %s, %s)", log_id, outcome, version, scored.method)
+    log.info("build %s: %s (version %s, %s)", log_id, outcome, version, method)
+    # feedback that came while this build sampled (too early for the feedback task to see
+    # it built): its feedback group, now
+    fresh = not fb and not late and not outcome.startswith("already:")
+    if fresh and r.exists(keys.feedback_of + record.request_id):
+        build_group(ctx, log_id, deadline, late=record.request_id)
     return outcome
 
 
@@ -450,9 +495,12 @@ def commit(
     obs: list[Obs],
     outcome: str,
     dead: dict[str, str] | None = None,
+    also: list[str] = (),
+    trust: list[str] = (),
 ) -> bool:
-    """Write everything (and the dead letter `dead`, if given) and the marker atomically,
-    unless the marker exists. True if this call wrote it."""
+    """Write everything (and the dead letter `dead`, if given) and the marker (and the
+    markers `also`, and the feedback-trust counts `trust`) atomically, unless the marker
+    exists. True if this call wrote it."""
     s, keys = ctx.settings, ctx.keys
     marker = keys.built + gid
     with ctx.redis.pipeline(transaction=True) as pipe:
@@ -470,6 +518,10 @@ def commit(
                 pipe.xadd(stream, dead, maxlen=s.stream_maxlen, approximate=True)
             write_series(pipe, keys, obs, time.time())
             pipe.set(marker, outcome, ex=MARKER_TTL_S)
+            for m in also:
+                pipe.set(m, outcome, ex=MARKER_TTL_S, nx=True)
+            for f in trust:
+                pipe.hincrby(keys.feedback_trust, f, 1)
             pipe.execute()
         except redis.WatchError:  # another run of this task wrote it in between
             return False
@@ -511,7 +563,9 @@ def _finish(
     obs: list[Obs],
     outcome: str,
     dead: dict[str, str] | None = None,
+    also: list[str] = (),
+    trust: list[str] = (),
 ) -> str:
-    if commit(ctx, gid, group, pair, obs, outcome, dead):
+    if commit(ctx, gid, group, pair, obs, outcome, dead, also, trust):
         return outcome
     return f"already:{ctx.redis.get(ctx.keys.built + gid)}"

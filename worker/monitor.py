@@ -58,6 +58,12 @@ class WorkerMetrics:
                 ["version"],
                 registry=r,
             ),
+            "feedback": Counter(
+                "strop_worker_feedback",
+                "User feedback read, by the version that served the rated reply and kind",
+                ["version", "kind"],
+                registry=r,
+            ),
         }
         self.values = {
             name: Histogram(
@@ -85,7 +91,9 @@ class WorkerMetrics:
     def observe(self, obs: Iterable[Obs]) -> None:
         for o in obs:
             if o.metric in self.counts:
-                labels = [o.version] + ([o.label or ""] if o.metric in ("dropped", "built") else [])
+                labels = [o.version] + (
+                    [o.label or ""] if o.metric in ("dropped", "built", "feedback") else []
+                )
                 self.counts[o.metric].labels(*labels).inc(o.count)
             elif o.metric in self.values and o.count:
                 self.values[o.metric].labels(o.version).observe(o.value / o.count)

@@ -1,4 +1,5 @@
-"""The worker's two Celery tasks: thin wrappers around worker/ingest.py and worker/build.py.
+"""The worker's Celery tasks: thin wrappers around worker/ingest.py, worker/feedback.py
+and worker/build.py.
 
 They are shared tasks: registered on every app `worker.app.create_app` makes (its
 `include` imports this module when a worker starts), so tests can run apps with settings
@@ -19,6 +20,7 @@ from worker.app import soft_time_limit
 from worker.build import TRANSIENT_ERRORS, dead_letter
 from worker.build import build_group as build
 from worker.context import get_context
+from worker.feedback import run_feedback
 from worker.ingest import run_ingest
 
 log = logging.getLogger("strop.worker.tasks")
@@ -34,8 +36,22 @@ def ingest_prompts(self: Task) -> dict:
             "worker.build_group", args=[log_id], queue=BUILD_QUEUE, task_id=f"build-{log_id}"
         )
 
+    def enqueue_late(log_id: str, request_id: str) -> None:
+        self.app.send_task(
+            "worker.build_feedback",
+            args=[log_id, request_id],
+            queue=BUILD_QUEUE,
+            task_id=f"feedback-{request_id}",
+        )
+
     report = run_ingest(ctx, enqueue)
-    return {"enqueued": len(report.enqueued), "dropped": dict(report.dropped)}
+    # late feedback rides along: a few entries a run, and no beat entry of its own
+    late = run_feedback(ctx, enqueue_late)
+    return {
+        "enqueued": len(report.enqueued),
+        "dropped": dict(report.dropped),
+        "feedback": dict(late.outcomes),
+    }
 
 
 class BuildTask(Task):
@@ -67,3 +83,22 @@ def build_group(self: Task, log_id: str) -> str:
     # every service call ends a few seconds before the soft limit
     deadline = time.monotonic() + soft_time_limit(ctx.settings) - 2
     return build(ctx, log_id, deadline)
+
+
+@shared_task(
+    name="worker.build_feedback",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=TRANSIENT_ERRORS,
+    retry_backoff=True,
+    retry_jitter=True,
+    max_retries=5,
+    ignore_result=True,
+)
+def build_feedback(self: Task, log_id: str, request_id: str) -> str:
+    """The feedback group of a request whose prompt was built before its feedback came
+    (once per request id, however often it is sent)."""
+    ctx = get_context(self.app)
+    deadline = time.monotonic() + soft_time_limit(ctx.settings) - 2
+    return build(ctx, log_id, deadline, late=request_id)

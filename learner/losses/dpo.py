@@ -12,6 +12,7 @@ def dpo_loss(
     ref_rejected_logps: Tensor,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """DPO loss over a batch of preference pairs, averaged over the batch.
 
@@ -33,6 +34,8 @@ def dpo_loss(
         ref_rejected_logps: log pi_ref(y_l | x), no grad needed. Shape: (B,)
         beta: strength of the implicit KL penalty (DPO beta; IPO tau).
         loss_type: "sigmoid" (DPO) or "ipo".
+        weights: each pair's loss is multiplied by its weight before the mean (user
+            feedback: `feedback_weight`); default 1. Shape: (B,)
 
     Returns:
         (loss, metrics): the scalar loss, and detached floats under `loss/dpo` (whatever
@@ -49,6 +52,8 @@ def dpo_loss(
         losses = (logits - 1 / (2 * beta)) ** 2  # (B,)
     else:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}: use 'sigmoid' or 'ipo'")
+    if weights is not None:
+        losses = losses * weights  # (B,)
     loss = losses.mean()
 
     with torch.no_grad():

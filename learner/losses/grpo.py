@@ -36,6 +36,7 @@ def grpo_loss(
     mask: Tensor,
     clip_eps: float = 0.2,
     kl_coef: float = 0.04,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO loss with a k3 KL penalty, averaged over all completion tokens of the batch.
 
@@ -45,7 +46,7 @@ def grpo_loss(
         r_it  = exp(logp_it - behaviour_logp_it)
         pg_it = -min(r_it * A_i, clip(r_it, 1 - eps, 1 + eps) * A_i)
         kl_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1       (k3 estimator, Schulman 2020)
-        L     = sum_{i,t} mask_it * (pg_it + kl_coef * kl_it) / sum_{i,t} mask_it
+        L     = sum_{i,t} w_i * mask_it * (pg_it + kl_coef * kl_it) / sum_{i,t} mask_it
 
     The ratio is taken against the behaviour policy that sampled the group (the served
     adapter version), not against a detached copy of the current policy, so stale groups
@@ -62,6 +63,8 @@ def grpo_loss(
         mask: 1 on completion tokens, 0 on prompt and padding; needs >= 1 token. Shape: (B*G, T)
         clip_eps: the ratio is clipped to [1 - clip_eps, 1 + clip_eps].
         kl_coef: weight of the KL-to-reference penalty (beta in the paper).
+        weights: w_i, the weight of completion i's group (user feedback: `feedback_weight`);
+            default 1. The denominator stays the token count. Shape: (B*G,)
 
     Returns:
         (loss, metrics): the scalar loss, and detached floats under `loss/grpo`,
@@ -78,6 +81,8 @@ def grpo_loss(
     log_ref_ratio = ref_logps - logps  # (B*G, T)
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (B*G, T)
     per_token = pg_loss + kl_coef * kl  # (B*G, T)
+    if weights is not None:
+        per_token = per_token * weights.unsqueeze(1)  # (B*G, T)
     n_tokens = mask.sum().clamp(min=1)
     loss = (per_token * mask).sum() / n_tokens
 
