@@ -143,6 +143,8 @@ def render(data: dict[str, Any], width: int = 48) -> str:
         )
         lines.append(f"  dropped by reason: {reasons}")
 
+    lines += _feedback(data.get("feedback"))
+
     q = data["queues"]
     lines += ["", "Queues", f"  build tasks {q['build']}   ingest tasks {q['ingest']}"]
     if q.get("dead_letter"):
@@ -176,6 +178,37 @@ def render(data: dict[str, Any], width: int = 48) -> str:
             if isinstance(v, dict) and v:
                 lines.append(f"  {k}: " + ", ".join(f"{a} {_fmt(b)}" for a, b in v.items()))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _feedback(fb: dict | None) -> list[str]:
+    """The feedback line, up vs down per version, and the keys whose feedback is ignored."""
+    if not fb:
+        return []
+    lines = []
+    if fb["total"] or fb["agreement_n"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(fb["kinds"].items()))
+        agree, rate = fb["agreement"], fb["rate"]
+        lines.append(
+            f"  feedback   {fb['total']} ({kinds})   label agreement "
+            + (f"{agree:.2f} of {fb['agreement_n']}" if agree is not None else "-")
+            + (f"   {rate:.1%} of logged requests rated" if rate is not None else "")
+        )
+        for v, row in sorted(fb["per_version"].items()):
+            up, down = row["kinds"].get("up", 0), row["kinds"].get("down", 0)
+            share = f"{row['up_share']:.0%} up" if row["up_share"] is not None else "-"
+            agree_v = row["agreement"]
+            lines.append(
+                f"    {v:8} up {up} / down {down} ({share})   label agreement "
+                + (f"{agree_v:.2f} of {row['agreement_n']}" if agree_v is not None else "-")
+            )
+    for k in (fb.get("trust") or {}).get("flagged", []):
+        rest = k["rest_rate"]
+        lines.append(
+            f"  untrusted key {k['key_id']}: disagreed with {k['disagree']} of {k['rated']} "
+            f"clear majorities ({k['rate']:.0%}, other keys {rest:.0%}); its feedback is "
+            "ignored and weighs 1"
+        )
+    return lines
 
 
 def _halted(halt: dict | None, now: float) -> list[str]:

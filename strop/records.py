@@ -34,6 +34,9 @@ class Keys:
         self.feedback = f"{prefix}feedback"  # stream of FeedbackRecord (worker: late feedback)
         self.feedback_of = f"{prefix}feedback:"  # + request id: the latest FeedbackRecord JSON
         self.feedback_count = f"{prefix}feedback_count:"  # + request id: how often it was rated
+        self.nolog = f"{prefix}nolog:"  # + request id: key id of a request not logged (opt-out)
+        self.feedback_rate = f"{prefix}feedback_rate:"  # + key id:minute: feedback requests counted
+        self.feedback_trust = f"{prefix}feedback_trust"  # hash: agree:<key id>, disagree:<key id>
         self.series = f"{prefix}ts:"  # + metric name: time series (sorted sets)
         self.learner_state = f"{prefix}learner:state"  # hash: what the learner is doing
         self.halted = f"{prefix}halted"  # string: PromotionHalt JSON while promotion is halted
@@ -116,6 +119,8 @@ class ScoredGroup(Record):
     majority_label: str | None = None
     majority_ratio: float | None = None
     judge_scores: list[float | None] | None = None
+    weight: float = 1.0  # multiplies the group's loss: `feedback_weight` with user feedback
+    feedback: dict[str, Any] | None = None  # the FeedbackRecord it was built with, if any
     time: float = Field(default_factory=time.time)
 
 
@@ -130,6 +135,8 @@ class PreferencePair(Record):
     rejected_reward: float
     version: str
     method: Literal["ttrl", "judge", "gold"]
+    weight: float = 1.0  # multiplies the pair's loss: `feedback_weight` with user feedback
+    feedback: dict[str, Any] | None = None  # the FeedbackRecord it was built with, if any
     time: float = Field(default_factory=time.time)
 
 

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     """Feedback requests one API key may send per minute; beyond it, 429."""
     feedback_weight: float = 2.0
     """Weight in the learner's loss of a group or pair that carries user feedback."""
+    feedback_trust_min: int = 10
+    """Answers of a key rated against a clear majority before it can be flagged as untrusted."""
+    feedback_trust_margin: float = 0.3
+    """A key is flagged when its answers disagree with clear majorities this much more often
+    than the other keys' (rates, 0..1); its feedback then weighs 1 and labels nothing."""
 
     # --- worker: ingest and build -------------------------------------------------------
     service_url: str = "http://127.0.0.1:8000"

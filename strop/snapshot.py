@@ -10,7 +10,11 @@ Sources, all read-only:
 - the prompt log itself, for requests logged per minute (counted inside Redis);
 - queue depths: Celery's build and ingest queues, and the consumer-group lag of the prompt
   log (ingest), the groups and the pairs streams (learner);
-- the learner's state hash (`Keys.learner_state`), shown as it is, if the learner wrote one.
+- the learner's state hash (`Keys.learner_state`), shown as it is, if the learner wrote one;
+- user feedback: the worker's `feedback` and `feedback_agreement` series (how often users
+  rate, up vs down per version, how often the vote agreed with the users' answers: a live
+  label accuracy with no probe file), and the keys whose feedback is no longer trusted
+  (`strop/feedback_trust.py`).
 """
 
 import json
@@ -19,6 +23,7 @@ from typing import Any
 
 import redis
 
+from strop import feedback_trust
 from strop.queues import BUILD_QUEUE, INGEST_QUEUE, queue_length
 from strop.records import Keys
 from strop.registry import Registry
@@ -128,6 +133,51 @@ def gather(
         },
         "queues": queues(r, keys, settings),
         "learner": learner_state(r, keys, now),
+        "feedback": feedback(r, keys, settings, since, now, sum(traffic["logged"])),
+    }
+
+
+def feedback(
+    r: redis.Redis, keys: Keys, settings: Settings, since: float, until: float, logged: int
+) -> dict[str, Any]:
+    """User feedback the worker read in the window: the total, by kind (up, down, answer,
+    preferred), per served version, per logged request (`rate`); how often the majority
+    label was the user's answer (`agreement`, overall and per behaviour version); and the
+    keys flagged as untrusted (all time, not just the window)."""
+    kinds: dict[str, int] = {}
+    per_version: dict[str, dict[str, Any]] = {}
+    total = 0
+    for v, points in _read(r, keys, "feedback", since, until).items():
+        row = per_version.setdefault(v, {"total": 0, "kinds": {}})
+        for p in points:
+            total += p.count
+            row["total"] += p.count
+            for k, n in p.labels.items():
+                kinds[k] = kinds.get(k, 0) + n
+                row["kinds"][k] = row["kinds"].get(k, 0) + n
+    agree_sum = agree_n = 0.0
+    for v, points in _read(r, keys, "feedback_agreement", since, until).items():
+        s, n = sum(p.sum for p in points), sum(p.count for p in points)
+        if n:
+            row = per_version.setdefault(v, {"total": 0, "kinds": {}})
+            row["agreement"], row["agreement_n"] = s / n, n
+            agree_sum, agree_n = agree_sum + s, agree_n + n
+    for row in per_version.values():
+        up, down = row["kinds"].get("up", 0), row["kinds"].get("down", 0)
+        row["up_share"] = up / (up + down) if up + down else None
+        row.setdefault("agreement", None)
+        row.setdefault("agreement_n", 0)
+    per_version = {v: row for v, row in per_version.items() if row["total"] or row["agreement_n"]}
+    return {
+        "total": total,
+        "kinds": kinds,
+        "rate": total / logged if logged else None,
+        "agreement": agree_sum / agree_n if agree_n else None,
+        "agreement_n": int(agree_n),
+        "per_version": per_version,
+        "trust": feedback_trust.summary(
+            r, keys, settings.feedback_trust_min, settings.feedback_trust_margin
+        ),
     }
 
 

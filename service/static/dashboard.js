@@ -137,6 +137,7 @@ function render(d) {
   lineChart($("chart-reward"), { series: perVersion("reward"), x, marks });
   lineChart($("chart-majority"), { series: perVersion("majority_ratio"), x, marks, y: [0, 1] });
   lineChart($("chart-judge"), { series: perVersion("judge_score"), x, marks, y: [0, 5] });
+  lineChart($("chart-agreement"), { series: perVersion("feedback_agreement"), x, marks, y: [0, 1] });
   const t = d.traffic;
   lineChart($("chart-traffic"), {
     series: Object.entries(t.series).map(([name, values]) => ({
@@ -146,6 +147,7 @@ function render(d) {
     })),
     x, y: [0, null], integer: true, dense: true,
   });
+  renderFeedback(d.feedback);
   renderQueues(d.queues);
   renderLearner(d.learner, d.time);
   renderEvents(d.events);
@@ -180,6 +182,7 @@ function renderTiles(d) {
     ["requests served", svc.requests ?? "–", `${errors} errors (this process)`],
     ["groups built", t.built, `${t.dropped} dropped`],
     ["pairs", t.pairs, "preference pairs"],
+    ["feedback", d.feedback?.total ?? 0, feedbackSub(d.feedback)],
     ["build queue", d.queues.build, `${d.queues.prompt_log.lag ?? 0} prompts unread`],
     ["learner", learner, d.learner && d.learner.stale ? "stale: stopped?" : d.learner?.version || ""],
   ];
@@ -237,6 +240,46 @@ function renderVersions(d) {
   }
   if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 12, class: "muted" }, "No adapter versions yet: strop serves the base model.")));
   $("versions").tBodies[0].replaceChildren(...rows);
+}
+
+// --- user feedback -----------------------------------------------------------------------
+
+const pct = (x) => (typeof x === "number" && isFinite(x) ? `${(100 * x).toFixed(0)}%` : "–");
+
+function feedbackSub(fb) {
+  if (!fb) return "";
+  const flagged = fb.trust?.flagged?.length || 0;
+  return `${pct(fb.rate)} of requests` + (flagged ? `, ${flagged} untrusted key${flagged > 1 ? "s" : ""}` : "");
+}
+
+/** Feedback per version (up vs down, label agreement) and the keys no longer trusted. */
+function renderFeedback(fb) {
+  if (!fb) return;
+  $("feedback-summary").replaceChildren(
+    h("b", {}, fb.total), " feedback in the window (", pct(fb.rate), " of logged requests); label agreement ",
+    h("b", { id: "feedback-agreement" }, fb.agreement === null ? "–" : `${fmt(fb.agreement, 2)}`),
+    h("span", { class: "muted" }, ` of ${fb.agreement_n} answers`));
+  const rows = Object.keys(fb.per_version).sort(byVersion).map((v) => {
+    const r = fb.per_version[v], k = r.kinds;
+    return h("tr", { "data-version": v },
+      h("td", {}, h("span", { class: "swatch", style: `background:${versionColor(v)}` }), v),
+      h("td", { class: "num" }, r.total),
+      h("td", { class: "num good" }, k.up || 0),
+      h("td", { class: "num bad" }, k.down || 0),
+      h("td", { class: "num" }, pct(r.up_share)),
+      h("td", { class: "num" }, k.answer || 0),
+      h("td", { class: "num" }, k.preferred || 0),
+      h("td", { class: "num" }, r.agreement === null ? "–" : `${fmt(r.agreement, 2)} (${r.agreement_n})`));
+  });
+  if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No feedback in this window.")));
+  $("feedback").tBodies[0].replaceChildren(...rows);
+  const flagged = fb.trust?.flagged || [];
+  $("feedback-keys").replaceChildren(flagged.length
+    ? h("p", { class: "bad" }, "Untrusted keys (their feedback labels nothing and weighs 1): ",
+      flagged.map((k, i) => h("span", { "data-key": k.key_id },
+        i ? ", " : "", h("code", {}, k.key_id),
+        ` disagreed with ${k.disagree} of ${k.rated} clear majorities (${pct(k.rate)}; other keys ${pct(k.rest_rate)})`)))
+    : h("p", { class: "muted small" }, `No untrusted keys (${fb.trust?.keys_rated ?? 0} keys rated against clear majorities).`));
 }
 
 // --- rollback ----------------------------------------------------------------------------

@@ -204,3 +204,60 @@ def test_strop_status_dead_letters_shown_with_requeue_hint(redis_client, seeded)
     line = next(x for x in status().splitlines() if "dead letters" in x)
     assert "dead letters 2" in line and "strop worker requeue" in line
     assert json.loads(status("--json"))["queues"]["dead_letter"] == 2
+
+
+def test_strop_status_feedback_counts_and_label_agreement_line(redis_client, seeded):
+    keys, now = Keys(seeded.prefix), time.time()
+    with redis_client.pipeline() as pipe:
+        obs = [Obs("feedback", "v2", label="up")] * 3 + [Obs("feedback", "v2", label="down")]
+        obs += [Obs("feedback", "v2", label="answer")] * 4
+        obs += [Obs("feedback_agreement", "v2", x) for x in (1.0, 1.0, 1.0, 0.0)]
+        write_series(pipe, keys, obs, now)
+        pipe.execute()
+    env = {**os.environ, "STROP_REDIS_URL": REDIS_URL, "STROP_REDIS_PREFIX": seeded.prefix}
+    out = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.strip().startswith("feedback"))
+    assert "feedback   8 (answer 4, down 1, up 3)" in line
+    assert "label agreement 0.75 of 4" in line
+
+
+def test_strop_status_lists_untrusted_feedback_key_with_its_rates(redis_client, seeded):
+    """What the worker's trust counts leave in Redis (worker/feedback.py), as status shows it."""
+    redis_client.hset(
+        seeded.feedback_trust,
+        mapping={
+            "agree:k-good": 18,
+            "disagree:k-good": 2,
+            "agree:k-bad": 3,
+            "disagree:k-bad": 9,
+            "disagree:k-new": 2,  # disagrees always, but too few answers to judge
+        },
+    )
+    env = {**os.environ, "STROP_REDIS_URL": REDIS_URL, "STROP_REDIS_PREFIX": seeded.prefix}
+    env["STROP_FEEDBACK_TRUST_MIN"] = "10"
+
+    def status(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "ops.cli", "status", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    text = status()
+    line = next(x for x in text.splitlines() if "untrusted key" in x)
+    assert "untrusted key k-bad: disagreed with 9 of 12 clear majorities (75%" in line
+    assert "other keys 18%" in line  # 4 of the other 22
+    assert "k-good" not in text and "k-new" not in text
+    trust = json.loads(status("--json"))["feedback"]["trust"]
+    assert trust["keys_rated"] == 3 and [k["key_id"] for k in trust["flagged"]] == ["k-bad"]

@@ -100,9 +100,15 @@ def seed_redis(r, settings) -> Registry:
                 Obs("built", v, label="ttrl", count=3),
                 Obs("pairs", v, count=2 + k % 2),
                 Obs("dropped", v, label="no_signal", count=k % 2),
+                Obs("feedback", v, label="up" if k % 3 else "down"),
+                Obs("feedback_agreement", v, float(k % 4 != 0)),
             ]
             write_series(pipe, keys, obs, now - k * 60)
         pipe.execute()
+    r.hset(  # the worker's per-key trust counts: k-bad contradicts clear majorities
+        keys.feedback_trust,
+        mapping={"agree:k-good": 20, "disagree:k-good": 1, "agree:k-bad": 2, "disagree:k-bad": 10},
+    )
     r.hset(
         keys.learner_state,
         mapping={
@@ -184,7 +190,7 @@ def test_dashboard_live_data_renders_charts_and_rollback_moves_pointer(
         }
         assert points.keys() == {"base", "v31", "v32"} and all(n >= 10 for n in points.values())
         assert browser.find_elements(By.CSS_SELECTOR, "#chart-reward circle")
-        for chart in ("chart-majority", "chart-judge", "chart-traffic"):
+        for chart in ("chart-majority", "chart-judge", "chart-traffic", "chart-agreement"):
             assert browser.find_elements(By.CSS_SELECTOR, f"#{chart} path.line"), chart
 
         def tile(label: str) -> str:
@@ -196,6 +202,13 @@ def test_dashboard_live_data_renders_charts_and_rollback_moves_pointer(
         assert int(tile("groups built")) > 0 and int(tile("pairs")) > 0
         assert tile("serving") == "v32"
         assert browser.find_element(By.ID, "learner-phase").text == "waiting"
+        # feedback: up vs down per version, label agreement, the untrusted key
+        fb_row = browser.find_element(By.CSS_SELECTOR, '#feedback tr[data-version="v32"]')
+        assert fb_row.text.split()[:4] == ["v32", "14", "10", "4"]  # rated, up, down
+        assert browser.find_element(By.ID, "feedback-agreement").text == "0.75"
+        untrusted = browser.find_element(By.ID, "feedback-keys").text
+        assert "k-bad disagreed with 10 of 12" in untrusted and "k-good" not in untrusted
+        assert int(tile("feedback")) == 40
         assert browser.find_element(By.CSS_SELECTOR, '#queues tr[data-queue="prompt_log"]')
         dead = browser.find_element(By.CSS_SELECTOR, '#queues tr[data-queue="dead_letter"]')
         assert "dead letters 2" in dead.text and "strop worker requeue" in dead.text
@@ -292,3 +305,45 @@ def test_dashboard_promotion_halted_shows_banner_with_reason(
             if e["level"] == "SEVERE" and "401" not in e["message"]
         ]
         assert errors == []
+
+
+def test_dashboard_data_feedback_rate_up_down_per_version_agreement_and_untrusted_keys(
+    settings, tiny_engine, redis_client
+):
+    """What the worker leaves in Redis (its feedback series and per-key trust counts), as
+    the dashboard's data reports it: no probe file involved."""
+    keys, now = Keys(settings.redis_prefix), time.time()
+    with redis_client.pipeline() as pipe:
+        obs = [Obs("feedback", "v1", label="up")] * 3 + [Obs("feedback", "v1", label="down")]
+        obs += [Obs("feedback", "v2", label="down")] * 2 + [Obs("feedback", "v2", label="answer")]
+        obs += [Obs("feedback_agreement", "v1", x) for x in (1.0, 1.0, 0.0)]
+        obs += [Obs("feedback_agreement", "v2", 1.0)]
+        write_series(pipe, keys, obs, now - 120)
+        pipe.execute()
+    redis_client.hset(
+        keys.feedback_trust,
+        mapping={"agree:k-good": 20, "disagree:k-good": 1, "agree:k-bad": 2, "disagree:k-bad": 10},
+    )
+    with ServerThread(settings, tiny_engine) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+        for i in range(4):
+            client.chat.completions.create(
+                model="strop", messages=[{"role": "user", "content": f"Rate me {i}"}], max_tokens=2
+            )
+        wait_for(lambda: redis_client.xlen(keys.prompt_log) >= 4, what="the prompt log")
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        fb = httpx.get(server.url + "/dashboard/data", headers=auth).json()["feedback"]
+        page = httpx.get(server.url + "/dashboard").text
+        script = httpx.get(server.url + "/dashboard/static/dashboard.js").text
+    assert fb["total"] == 7 and fb["kinds"] == {"up": 3, "down": 3, "answer": 1}
+    assert fb["rate"] == 7 / 4  # feedback read per request logged in the window
+    assert fb["agreement"] == 0.75 and fb["agreement_n"] == 4
+    v1, v2 = fb["per_version"]["v1"], fb["per_version"]["v2"]
+    assert (v1["total"], v1["up_share"], v1["agreement"], v1["agreement_n"]) == (4, 0.75, 2 / 3, 3)
+    assert (v2["total"], v2["up_share"], v2["agreement"]) == (3, 0.0, 1.0)
+    trust = fb["trust"]
+    assert trust["keys_rated"] == 2 and [k["key_id"] for k in trust["flagged"]] == ["k-bad"]
+    (bad,) = trust["flagged"]
+    assert (bad["disagree"], bad["rated"]) == (10, 12) and bad["rest_rate"] == 1 / 21
+    # the page has the table the script fills
+    assert 'id="feedback"' in page and "renderFeedback" in script
