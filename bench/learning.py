@@ -8,6 +8,10 @@ same wall-clock budget (`--minutes` of traffic each):
   prompts (`ops.questions.make_learning_set(part="stream")`: bare arithmetic, one-step
   word problems, short facts) through the `openai` client, paced by the worker's backlog
   as `strop demo` paces itself;
+- `feedback`: the `strop` arm plus, on `--feedback-share` of the stream's prompts (the same
+  ones every run: a seeded draw), the true answer posted as feedback on the served
+  completion (POST /v1/strop/feedback, as `strop demo --feedback` does), as a user who
+  sometimes corrects the service would; the worker takes it as those groups' label;
 - `oracle`: the same loop with gold rewards (`STROP_REWARD_METHOD=gold`): the ceiling. If
   even this cannot lift the model in the budget, the budget or the model is the limit;
 - `trl`: the peer a practitioner would pick: TRL's `GRPOTrainer` with LoRA (strop's rank,
@@ -20,20 +24,21 @@ never logged and never trained on: pass@1 and maj@8 (8 samples at T=1, internal 
 pinned to the version through a `strop serve` on the arm's adapters), the flip rate
 (held-out questions whose majority answer was right under the version before and is wrong
 now), mean answer length, and KL to base (on base's greedy held-out answers). For the
-strop and oracle arms, the worker's own monitoring of the groups each version sampled:
+loop arms (all but trl), the worker's own monitoring of the groups each version sampled:
 label accuracy and reward accuracy (the stream is also the worker's probe file: gold
 answers for monitoring only, never a reward) and majority ratio.
 
 Prints a table, writes bench/results/learning.json and bench/results/learning.png
 (held-out pass@1 against minutes, per arm).
 
-    python bench/learning.py [--minutes 60] [--arms strop,oracle,trl] [--held-out 48]
-                             [--set STROP_NAME=VALUE ...]
+    python bench/learning.py [--minutes 60] [--arms strop,feedback,oracle,trl]
+                             [--feedback-share 0.1] [--held-out 48] [--set STROP_NAME=VALUE ...]
 """
 
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -61,6 +66,7 @@ from judge import (  # noqa: E402
     same_answer,
     vote_answers,
 )
+from ops.demo import FeedbackSender  # noqa: E402
 from ops.questions import make_learning_set  # noqa: E402
 from strop.connection import connect  # noqa: E402
 from strop.headers import INTERNAL  # noqa: E402
@@ -80,7 +86,13 @@ BACKLOG = 4  # prompts waiting for the worker before the feeder holds back
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=60.0, help="traffic per arm")
-    p.add_argument("--arms", default="strop,oracle,trl")
+    p.add_argument("--arms", default="strop,feedback,oracle,trl")
+    p.add_argument(
+        "--feedback-share",
+        type=float,
+        default=0.1,
+        help="feedback arm: share of the stream's prompts whose true answer is sent as feedback",
+    )
     p.add_argument("--stream", type=int, default=600, help="prompts in the traffic stream")
     p.add_argument("--held-out", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
@@ -121,8 +133,15 @@ def stop(proc: subprocess.Popen, timeout: float = 120) -> None:
 # --- the loop arms: strop up, fed traffic ------------------------------------------------------
 
 
-def run_loop_arm(name: str, env: dict, stream: list[LabeledQuestion], minutes: float) -> dict:
-    """`strop up` with `env`, fed the stream for `minutes`; returns what to evaluate."""
+def run_loop_arm(
+    name: str,
+    env: dict,
+    stream: list[LabeledQuestion],
+    minutes: float,
+    rated: frozenset[int] = frozenset(),
+) -> dict:
+    """`strop up` with `env`, fed the stream for `minutes`; returns what to evaluate. The
+    prompts at the `rated` indices of the stream get their true answer sent as feedback."""
     port = int(env["STROP_PORT"])
     url = f"http://127.0.0.1:{port}"
     up = subprocess.Popen(
@@ -134,13 +153,23 @@ def run_loop_arm(name: str, env: dict, stream: list[LabeledQuestion], minutes: f
     )
     try:
         wait_healthy(url + "/health", up, "strop up")
-        settings = Settings(redis_prefix=env["STROP_REDIS_PREFIX"])
+        settings = Settings(redis_prefix=env["STROP_REDIS_PREFIX"], service_url=url)
         r, keys = connect(settings.redis_url), Keys(settings.redis_prefix)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-        start, sent = time.time(), 0
+        fb = FeedbackSender(settings) if rated else None  # the same key as `client`'s
+
+        def ask(q: LabeledQuestion, rate: bool) -> bool | None:
+            resp = client.chat.completions.create(
+                model="strop",
+                max_tokens=EVAL_TOKENS,
+                messages=[{"role": "user", "content": q.prompt}],
+            )
+            return fb.send(resp.id, q.answer) if rate else None  # retries the 404 of a fresh id
+
+        start, sent, asked = time.time(), 0, []
         print(f"[{name}] traffic for {minutes:.0f} min", flush=True)
         with ThreadPoolExecutor(2) as pool:
-            for q in stream:
+            for i, q in enumerate(stream):
                 if time.time() - start > minutes * 60:
                     break
                 while time.time() - start < minutes * 60:
@@ -148,16 +177,20 @@ def run_loop_arm(name: str, env: dict, stream: list[LabeledQuestion], minutes: f
                     if (q_now["build"] or 0) + (q_now["prompt_log"]["lag"] or 0) < BACKLOG:
                         break
                     time.sleep(2)
-                pool.submit(
-                    client.chat.completions.create,
-                    model="strop",
-                    max_tokens=EVAL_TOKENS,
-                    messages=[{"role": "user", "content": q.prompt}],
-                )
+                asked.append(pool.submit(ask, q, fb is not None and i in rated))
                 sent += 1
                 time.sleep(1.0)
+        # a failed request is one prompt less, as before: no feedback on it either
+        rates = [f.result() for f in asked if f.exception() is None and f.result() is not None]
+        feedback = {"sent": len(rates), "accepted": sum(rates)} if fb is not None else None
+        if fb is not None:
+            fb.close()
         versions = Registry(r, keys).all()
-        print(f"[{name}] sent {sent} prompts; {len(versions)} versions", flush=True)
+        print(
+            f"[{name}] sent {sent} prompts; {len(versions)} versions"
+            + (f"; feedback accepted {feedback['accepted']} of {feedback['sent']}" if fb else ""),
+            flush=True,
+        )
         monitoring = {
             metric: {
                 v: _mean(points) for v, points in read_series(r, keys, metric, since=start).items()
@@ -167,6 +200,7 @@ def run_loop_arm(name: str, env: dict, stream: list[LabeledQuestion], minutes: f
         return {
             "start": start,
             "sent": sent,
+            "feedback": feedback,
             "versions": [
                 {
                     "version": v.version,
@@ -470,8 +504,14 @@ def main() -> None:
     args = parse()
     stream = make_learning_set(args.stream, args.seed, "stream")
     held = make_learning_set(args.held_out, args.seed, "held_out")
+    pick = random.Random(args.seed + 1)  # its own: the stream's draw is unchanged
+    rated = frozenset(i for i in range(len(stream)) if pick.random() < args.feedback_share)
     kinds = Counter(q.kind for q in stream)
-    print(f"stream: {len(stream)} prompts {dict(kinds)}; held-out: {len(held)}", flush=True)
+    print(
+        f"stream: {len(stream)} prompts {dict(kinds)} ({len(rated)} with feedback in the "
+        f"feedback arm); held-out: {len(held)}",
+        flush=True,
+    )
     results = {}
     for arm in args.arms.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"strop-learning-{arm}-"))
@@ -493,7 +533,9 @@ def main() -> None:
         if arm == "trl":
             res = run_trl_arm(env, stream, args.minutes, args.trl_save_minutes)
         else:
-            res = run_loop_arm(arm, env, stream, args.minutes)
+            res = run_loop_arm(
+                arm, env, stream, args.minutes, rated if arm == "feedback" else frozenset()
+            )
         print(
             f"[{arm}] scoring {len(res['versions'])} versions on {len(held)} held-out questions",
             flush=True,
