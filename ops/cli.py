@@ -176,7 +176,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from strop.model import ModelNotFound
 
     try:
-        return run(get_settings())
+        return run(get_settings(), engine=args.engine)
     except (UpError, ModelNotFound) as e:
         print(f"strop: {e}", file=sys.stderr)
         return 2
@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default STROP_PORT)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("up", help="run the whole loop on this machine (no Docker)")
+    p.add_argument(
+        "--engine",
+        choices=["embedded", "vllm"],
+        default="embedded",
+        help="vllm: start vLLM (STROP_VLLM_PYTHON; `bash scripts/vllm-venv`) and serve through it",
+    )
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("demo", help="send traffic to a running stack and report what it learned")
     p.add_argument("--versions", type=int, default=2, help="stop after this many promotions")

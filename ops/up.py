@@ -1,7 +1,7 @@
 """`strop up`: the whole loop on one machine, without Docker.
 
-Starts (or finds) Redis, then the service, a Celery worker with beat, and the learner as
-child processes with prefixed log lines. Ctrl-C or SIGTERM stops every child; a child that
+Starts (or finds) Redis, with `--engine vllm` a vLLM server on the model, then the service,
+a Celery worker with beat, and the learner as child processes with prefixed log lines. Ctrl-C or SIGTERM stops every child; a child that
 dies is reported and restarted once, and if it dies again the whole stack stops rather
 than run half-way.
 """
@@ -14,15 +14,18 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import redis
 
 from strop.connection import connect
 from strop.settings import PROFILES, Settings
 
 STOP_GRACE_S = 15.0  # how long a child gets to stop after SIGTERM before SIGKILL
-COLORS = {"redis": 31, "service": 32, "worker": 33, "learner": 35}
+VLLM_READY_S = 900.0  # vLLM on CPU profiles and warms up for a minute or more
+COLORS = {"redis": 31, "service": 32, "worker": 33, "learner": 35, "vllm": 34}
 
 
 class UpError(RuntimeError):
@@ -129,6 +132,64 @@ def ensure_redis(url: str) -> Child | None:
     raise UpError("redis-server did not start; see its lines above")
 
 
+def check_vllm(python: Path) -> None:
+    """UpError (one line, how to install it) unless `python` can import vLLM."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    try:
+        ok = subprocess.run([str(python), "-c", probe], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        ok = None
+    if ok is None or ok.returncode != 0:
+        raise UpError(
+            f"vLLM is not installed for {python} (STROP_VLLM_PYTHON): install it with "
+            "`bash scripts/vllm-venv` (its own venv, ~/.cache/strop/vllm-venv), or set "
+            "STROP_VLLM_PYTHON to a Python that has vLLM"
+        )
+
+
+def vllm_child(settings: Settings, model_dir: str) -> Child:
+    """vLLM serving `model_dir` as `base` at STROP_ENGINE_URL, with runtime LoRA loading."""
+    urls = settings.engine_urls
+    parsed = urlparse(urls[0] if urls else "")
+    if len(urls) != 1 or parsed.hostname not in ("127.0.0.1", "localhost"):
+        raise UpError(
+            f"--engine vllm starts one vLLM on this machine: STROP_ENGINE_URL must be one "
+            f"http://127.0.0.1:PORT, not {settings.engine_url!r}"
+        )
+    argv = [str(settings.vllm_python), "-m", "vllm.entrypoints.openai.api_server"]
+    argv += ["--model", model_dir, "--served-model-name", "base"]
+    # The CPU build runs float32; on a GPU let vLLM pick the model's own dtype.
+    argv += ["--dtype", "auto" if shutil.which("nvidia-smi") else "float32"]
+    argv += ["--enable-lora", "--max-lora-rank", str(max(16, settings.lora_rank))]
+    # The promoted version, `keep_loaded` older ones, and one pinned being loaded.
+    argv += ["--max-loras", str(settings.adapters_keep_loaded + 2)]
+    argv += ["--max-model-len", str(settings.max_context or 2048)]
+    argv += ["--host", "127.0.0.1", "--port", str(parsed.port or 80)]
+    if settings.engine_api_key:
+        argv += ["--api-key", settings.engine_api_key]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; its default (4) is a lot for a laptop
+    return Child("vllm", argv, env)
+
+
+def wait_ready(child: Child, url: str, stopping: threading.Event) -> bool:
+    """Wait for /health at `url`; False if asked to stop first, UpError if it died."""
+    deadline = time.time() + VLLM_READY_S
+    while not stopping.is_set():
+        try:
+            if httpx.get(url.rstrip("/") + "/health", timeout=2).status_code == 200:
+                say(f"vllm serving at {url}")
+                return True
+        except httpx.HTTPError:
+            pass
+        if child.proc.poll() is not None:
+            raise UpError(f"vllm exited (code {child.proc.returncode}) before serving; see above")
+        if time.time() > deadline:
+            raise UpError(f"vllm did not answer at {url} within {VLLM_READY_S:.0f}s")
+        stopping.wait(1.0)
+    return False
+
+
 def profile_line(settings: Settings) -> str:
     """The profile chosen and the values it sizes, as the settings hold them (a value given
     by its own STROP_ variable shows as given)."""
@@ -162,17 +223,21 @@ def plan(settings: Settings) -> list[Child]:
     ]
 
 
-def run(settings: Settings) -> int:
-    """Start everything and supervise it until a signal or a second death."""
+def run(settings: Settings, engine: str = "embedded") -> int:
+    """Start everything and supervise it until a signal or a second death; `engine`
+    `vllm` serves the model from a vLLM child instead of inside the service."""
     from strop.model import default_model_dir, resolve_model_dir
 
+    if engine == "vllm":
+        check_vllm(settings.vllm_python)  # before anything starts
     if settings.model == "smollm2":
-        default_model_dir(settings.model_cache_dir)  # convert once, before three processes race
+        # converted once, before three processes race; vLLM needs the directory too
+        model_dir = default_model_dir(settings.model_cache_dir)
     else:
-        resolve_model_dir(settings.model, settings.model_cache_dir)
+        model_dir = resolve_model_dir(settings.model, settings.model_cache_dir)
+    vllm = vllm_child(settings, str(model_dir)) if engine == "vllm" else None
     say(profile_line(settings))
     redis_child = ensure_redis(settings.redis_url)
-    children = plan(settings)
     stopping = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -180,8 +245,40 @@ def run(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    for child in children:
-        child.start()
+    children: list[Child] = []
+    try:
+        if vllm:
+            children.append(vllm)
+            vllm.start()
+            say(f"starting vllm ({settings.vllm_python}) on {model_dir}")
+            if not wait_ready(vllm, settings.engine_urls[0], stopping):
+                return 0
+        services = plan(settings)
+        for child in services:
+            if vllm:
+                child.env.update(STROP_ENGINE="remote", STROP_ENGINE_URL=settings.engine_urls[0])
+            child.start()
+        children += services
+        return _supervise(settings, children, redis_child, stopping)
+    finally:
+        say("stopping")
+        for child in reversed(children):  # learner, worker, the service, then vllm
+            child.stop()
+            # vLLM goes last: the service must not see its engine vanish under it.
+            if child.name == "service":
+                child.wait_stopped(time.time() + STOP_GRACE_S)
+        deadline = time.time() + STOP_GRACE_S
+        for child in children:
+            child.wait_stopped(deadline)
+        if redis_child:
+            redis_child.stop()
+            redis_child.wait_stopped(time.time() + STOP_GRACE_S)
+        say("stopped")
+
+
+def _supervise(
+    settings: Settings, children: list[Child], redis_child: Child | None, stopping: threading.Event
+) -> int:
     say(f"service on http://127.0.0.1:{settings.port} (dashboard: /dashboard); Ctrl-C stops all")
     code = 0
     while not stopping.wait(0.5):
@@ -202,14 +299,4 @@ def run(settings: Settings) -> int:
             say("redis-server exited; stopping the stack")
             stopping.set()
             code = 1
-    say("stopping")
-    for child in reversed(children):  # learner, worker, then the service
-        child.stop()
-    deadline = time.time() + STOP_GRACE_S
-    for child in children:
-        child.wait_stopped(deadline)
-    if redis_child:
-        redis_child.stop()
-        redis_child.wait_stopped(time.time() + STOP_GRACE_S)
-    say("stopped")
     return code

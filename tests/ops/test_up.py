@@ -6,6 +6,7 @@ Each run uses the tiny model and a private Redis port, so nothing is shared with
 tests; the processes are real, and so are the signals.
 """
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -15,11 +16,13 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import redis
 
 from ops import up
 from strop.records import Keys
+from strop.settings import Settings
 from tests.conftest import MODEL_CACHE, free_port
 
 
@@ -51,7 +54,9 @@ def _alive(pid: int) -> bool:
 class Up:
     """A `strop up` process whose output lines are collected as they come."""
 
-    def __init__(self, tmp_path: Path, tiny_model_dir: Path):
+    def __init__(
+        self, tmp_path: Path, tiny_model_dir: Path, args: tuple = (), env: dict | None = None
+    ):
         self.redis_url = f"redis://127.0.0.1:{free_port()}/0"
         self.port = free_port()
         env = {
@@ -64,9 +69,10 @@ class Up:
             "STROP_WORKER_METRICS_PORT": "0",
             "STROP_LEARNER_METRICS_PORT": "0",
             "STROP_MAX_CONTEXT": "512",
+            **(env or {}),
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "up"],
+            [sys.executable, "-m", "ops.cli", "up", *args],
             env=env,
             cwd=tmp_path,  # `strop up` keeps its redis data in ./data/redis
             stdout=subprocess.PIPE,
@@ -130,8 +136,8 @@ class Up:
 def stack(tmp_path, tiny_model_dir):
     stacks: list[Up] = []
 
-    def start() -> Up:
-        s = Up(tmp_path, tiny_model_dir)
+    def start(**kw) -> Up:
+        s = Up(tmp_path, tiny_model_dir, **kw)
         stacks.append(s)
         return s
 
@@ -188,3 +194,50 @@ def test_ensure_redis_without_redis_server_says_how_to_install(monkeypatch):
     monkeypatch.setattr(up.shutil, "which", lambda name: None)
     with pytest.raises(up.UpError, match="apt-get install redis-server"):
         up.ensure_redis(f"redis://127.0.0.1:{free_port()}/0")
+
+
+def test_up_engine_vllm_without_vllm_says_how_to_install_and_starts_nothing(stack, tmp_path):
+    # strop's own venv really lacks vLLM (it needs a venv of its own)
+    assert importlib.util.find_spec("vllm") is None
+    s = stack(args=("--engine", "vllm"), env={"STROP_VLLM_PYTHON": sys.executable})
+    assert s.proc.wait(120) == 2
+    s.wait_for("bash scripts/vllm-venv")
+    assert len(s.lines) == 1, s.output()
+    assert s.lines[0].startswith(f"strop: vLLM is not installed for {sys.executable}")
+    assert not (tmp_path / "data").exists()  # no redis-server was started
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(s.redis_url, socket_connect_timeout=1).ping()
+
+
+@pytest.mark.slow
+def test_up_engine_vllm_serves_chat_through_vllm_then_stops_it(stack):
+    python = Settings().vllm_python
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    installed = python.exists() and subprocess.run([python, "-c", probe]).returncode == 0
+    assert installed, f"no vLLM at {python}: run `bash scripts/vllm-venv` first (CI's set-up does)"
+    vllm_url = f"http://127.0.0.1:{free_port()}"
+    s = stack(
+        args=("--engine", "vllm"),
+        env={"STROP_MODEL": "smollm2", "STROP_ENGINE_URL": vllm_url},
+    )
+    s.wait_for(f"vllm serving at {vllm_url}", timeout=up.VLLM_READY_S)
+    s.wait_healthy()
+    health = httpx.get(f"http://127.0.0.1:{s.port}/health").json()
+    assert health["engine"]["url"] == vllm_url and health["engine"]["ok"], health
+
+    kw = dict(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)
+    via_strop = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{s.port}/v1", api_key="unused", max_retries=0
+    ).chat.completions.create(model="strop", **kw)
+    direct = openai.OpenAI(
+        base_url=vllm_url + "/v1", api_key="unused", max_retries=0
+    ).chat.completions.create(model="base", **kw)
+    assert via_strop.choices[0].message.content
+    assert via_strop.choices[0].message.content == direct.choices[0].message.content
+
+    processes = _descendants(s.proc.pid)  # vLLM's own engine process included
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(120) == 0, s.output()
+    assert [p for p in processes if _alive(p)] == []
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(vllm_url + "/health", timeout=2)
