@@ -46,14 +46,24 @@ def make_engine(settings: Settings) -> Engine:
     if settings.engine == "remote":
         from service.engines.remote import RemoteEngine
 
-        return RemoteEngine(
-            settings.engine_url,
-            settings.model,
-            settings.model_cache_dir,
-            api_key=settings.engine_api_key,
-            timeout_s=settings.engine_timeout_s,
-            max_context=settings.max_context,
-        )
+        remotes = [
+            RemoteEngine(
+                url,
+                settings.model,
+                settings.model_cache_dir,
+                api_key=settings.engine_api_key,
+                timeout_s=settings.engine_timeout_s,
+                max_context=settings.max_context,
+            )
+            for url in settings.engine_urls
+        ]
+        if not remotes:
+            raise ValueError("STROP_ENGINE=remote needs STROP_ENGINE_URL")
+        if len(remotes) == 1:
+            return remotes[0]
+        from service.engines.replicas import Replicas
+
+        return Replicas(remotes)
     from service.engines.embedded import EmbeddedEngine
 
     return EmbeddedEngine(

@@ -40,7 +40,10 @@ class Settings(BaseSettings):
     engine: Literal["embedded", "remote"] = "embedded"
     """`embedded`: transformers + PEFT in-process; `remote`: a vLLM-compatible server."""
     engine_url: str = "http://127.0.0.1:8001"
-    """Base URL of the remote engine (without /v1)."""
+    """Base URL of the remote engine (without /v1); several, comma-separated, for replicas
+    (every adapter loaded on all of them, chat to the least busy)."""
+    vllm_python: Path = Path.home() / ".cache" / "strop" / "vllm-venv" / "bin" / "python"
+    """Python with vLLM installed, for `strop up --engine vllm` (`bash scripts/vllm-venv`)."""
     engine_api_key: str | None = None
     """Bearer key sent to the remote engine (its admin key, for the adapter endpoints)."""
     engine_timeout_s: float = 120.0
@@ -262,6 +265,11 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    @property
+    def engine_urls(self) -> list[str]:
+        """The remote engine's replicas, from `engine_url`."""
+        return [u.strip() for u in self.engine_url.split(",") if u.strip()]
 
 
 # What each profile changes from the defaults above (the `gpu` sizes). Sized on 2 CPU

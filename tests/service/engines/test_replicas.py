@@ -1,0 +1,359 @@
+"""Several remote engine replicas behind one strop (STROP_ENGINE_URL with several URLs).
+
+The replicas are real strop services (they speak vLLM's protocol); in the kill test they run
+as `strop serve` processes so that one can be SIGKILLed and started again on its port.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from strop.records import AdapterVersion, Keys
+from strop.registry import Registry
+from strop.settings import Settings
+from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
+from tests.service.conftest import ADMIN_KEY, API_KEY
+from tests.service.harness import ServerThread
+
+MESSAGES = [{"role": "user", "content": "Tell me something."}]
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def _adapters_on(url: str) -> set[str]:
+    """Adapters a replica holds, as its /v1/models lists them."""
+    r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    return {m["id"] for m in r.json()["data"]} & {"strop-v1", "strop-v2"}
+
+
+def _front_health(front: ServerThread) -> dict:
+    return httpx.get(front.url + "/health").json()["engine"]
+
+
+def _promote(redis_client, prefix: str, root: Path, version: str) -> None:
+    registry = Registry(redis_client, Keys(prefix))
+    registry.add(AdapterVersion(version=version, parent="base", path=str(root / version)))
+    registry.promote(version)
+
+
+def _wait(cond, what: str, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def front_settings(settings):
+    """Settings of the strop in front; `engine_url` is set by each test."""
+    return settings.model_copy(
+        update={"engine": "remote", "engine_api_key": ADMIN_KEY, "adapter_poll_s": 30.0}
+    )
+
+
+def _replica_settings(settings, name: str, tmp_path: Path, **update):
+    return settings.model_copy(
+        update={
+            "redis_prefix": settings.redis_prefix + name + ":",
+            "adapter_dir": tmp_path / "none",
+            **update,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A tiny model of another width: adapters trained for the tiny model do not fit it."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("other-model")
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size = 32, 64
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_replicas_new_version_loaded_on_every_replica_before_strop_moves(
+    settings, front_settings, redis_client, tmp_path
+):
+    with (
+        ServerThread(_replica_settings(settings, "a", tmp_path)) as a,
+        ServerThread(_replica_settings(settings, "b", tmp_path)) as b,
+    ):
+        front_settings.engine_url = f"{a.url},{b.url}"
+        with ServerThread(front_settings) as front:
+            moved_with: list[set[str]] = []
+
+            def watch() -> None:  # what each replica held the moment `strop` moved
+                _wait(lambda: front.service.versions.promoted == "v1", "strop to move")
+                moved_with.extend([_adapters_on(a.url), _adapters_on(b.url)])
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            _promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
+            watcher.join(60)
+            assert moved_with == [{"strop-v1"}, {"strop-v1"}]
+            fc = openai.OpenAI(base_url=front.url + "/v1", api_key=API_KEY, max_retries=0)
+            for _ in range(4):
+                r = fc.chat.completions.create(model="strop", messages=MESSAGES, max_tokens=4)
+                assert r.model == "strop@v1"
+            served = [x["served"] for x in _front_health(front)["replicas"]]
+            assert served == [2, 2]  # least outstanding, ties taken in turn
+
+
+def test_replicas_one_refusing_keeps_strop_where_it_was_and_the_others_unload(
+    settings, front_settings, redis_client, tmp_path, other_model_dir, caplog
+):
+    b_settings = _replica_settings(settings, "b", tmp_path, model=str(other_model_dir))
+    with (
+        ServerThread(_replica_settings(settings, "a", tmp_path)) as a,
+        ServerThread(b_settings) as b,
+    ):
+        front_settings.engine_url = f"{a.url},{b.url}"
+        with ServerThread(front_settings) as front:
+            caplog.set_level(logging.ERROR, logger="strop.versions")
+            _promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
+            _wait(
+                lambda: any("could not switch" in r.getMessage() for r in caplog.records),
+                "the front to try v1",
+            )
+            assert f"replica {b.url} refused strop-v1" in caplog.text
+            assert front.service.versions.promoted is None
+            assert _adapters_on(a.url) == set()  # a loaded it, then unloaded it
+            assert _adapters_on(b.url) == set()
+            assert _front_health(front)["adapters"] == []
+            fc = openai.OpenAI(base_url=front.url + "/v1", api_key=API_KEY, max_retries=0)
+            r = fc.chat.completions.create(model="strop", messages=MESSAGES, max_tokens=4)
+            assert r.model == "base"
+
+
+class ReplicaProcess:
+    """`strop serve` as its own process, on a port it keeps across restarts."""
+
+    def __init__(self, settings, name: str, tmp_path: Path):
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "STROP_MODEL": settings.model,
+            "STROP_MODEL_CACHE_DIR": str(MODEL_CACHE),
+            "STROP_REDIS_URL": REDIS_URL,
+            "STROP_REDIS_PREFIX": settings.redis_prefix + name + ":",
+            "STROP_ADAPTER_DIR": str(tmp_path / "none"),
+            "STROP_API_KEYS": API_KEY,
+            "STROP_ADMIN_KEY": ADMIN_KEY,
+            "STROP_MAX_CONTEXT": "512",
+            "STROP_TORCH_THREADS": "1",
+            "STROP_HOST": "127.0.0.1",
+        }
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ReplicaProcess":
+        cmd = [sys.executable, "-m", "ops.cli", "serve", "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL)
+        _wait(self._healthy, f"replica on {self.port}", timeout=180)
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc.poll() is None, "the replica exited"
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Traffic:
+    """Clients sending `strop` chat requests until stopped; every failure is kept."""
+
+    def __init__(self, url: str, clients: int = 4):
+        self.url, self.stop = url, threading.Event()
+        self.answered = 0
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0)
+        while not self.stop.is_set():
+            try:
+                r = client.chat.completions.create(model="strop", messages=MESSAGES, max_tokens=6)
+                assert r.model == "strop@v1", r.model
+                self.answered += 1
+            except Exception as e:  # every failure counts, whatever its kind
+                self.errors.append(f"{e.__class__.__name__}: {e}")
+
+    def __enter__(self) -> "Traffic":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+@pytest.mark.slow
+def test_replicas_one_killed_traffic_goes_to_the_other_and_restarted_it_rejoins_with_versions(
+    settings, front_settings, redis_client, tmp_path
+):
+    a = ReplicaProcess(settings, "a", tmp_path)
+    b = ReplicaProcess(settings, "b", tmp_path)
+    try:
+        a.start(), b.start()
+        front_settings.engine_url = f"{a.url},{b.url}"
+        _promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
+        with ServerThread(front_settings) as front:
+            _wait(lambda: front.service.versions.promoted == "v1", "strop to serve v1")
+
+            def served() -> list[int]:
+                return [x["served"] for x in _front_health(front)["replicas"]]
+
+            with Traffic(front.url) as traffic:
+                _wait(lambda: min(served()) >= 3, "both replicas to serve")
+                b.kill()  # mid-traffic: its requests in flight go to a
+                _wait(lambda: not _front_health(front)["replicas"][1]["ok"], "b taken out")
+                at_kill = served()
+                _wait(lambda: served()[0] >= at_kill[0] + 10, "a to take b's share")
+                assert served()[1] == at_kill[1]
+                assert traffic.errors == []
+
+                b.start()  # same port, no adapters
+                _wait(lambda: _front_health(front)["replicas"][1]["ok"], "b back", timeout=30)
+                assert _adapters_on(b.url) == {"strop-v1"}  # given before it took traffic
+                back = served()[1]
+                _wait(lambda: served()[1] >= back + 3, "b to take traffic again")
+            assert traffic.errors == [], traffic.errors[:3]
+            assert traffic.answered > 20
+    finally:
+        a.kill()
+        b.kill()
+
+
+class VLLMProcess:
+    """A real vLLM (CPU build) OpenAI server on the default model, with runtime LoRA loading."""
+
+    def __init__(self, model_dir: Path, max_lora_rank: int):
+        python = Settings().vllm_python
+        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+        installed = python.exists() and subprocess.run([python, "-c", probe]).returncode == 0
+        assert installed, f"no vLLM at {python}: run `bash scripts/vllm-venv` (CI's set-up does)"
+        self.port = free_port()
+        argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+        argv += ["--served-model-name", "base", "--dtype", "float32", "--enable-lora"]
+        argv += ["--max-lora-rank", str(max_lora_rank), "--max-loras", "4"]
+        argv += ["--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(self.port)]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        # its own session: killing the group takes vLLM's engine process down with it
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, "vLLM exited before serving"
+            try:
+                return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(ready, f"vLLM on {self.port}", timeout=900)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
+def _lora(path: Path, model_dir: Path, rank: int) -> Path:
+    """A PEFT adapter of `rank` for the default model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
+    get_peft_model(model, config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
+    settings, redis_client, tmp_path, default_model_dir, caplog
+):
+    # b accepts adapters up to rank 8 only: a rank-16 version is a real refusal by vLLM
+    a, b = VLLMProcess(default_model_dir, 16), VLLMProcess(default_model_dir, 8)
+    try:
+        root = tmp_path / "adapters"
+        _lora(root / "v1", default_model_dir, rank=8)
+        _lora(root / "v2", default_model_dir, rank=16)
+        a.wait_ready(), b.wait_ready()
+        front_settings = settings.model_copy(
+            update={
+                "engine": "remote",
+                "engine_url": f"{a.url},{b.url}",
+                "model": str(default_model_dir),
+                "adapter_dir": root,
+                "adapter_poll_s": 30.0,
+            }
+        )
+        with ServerThread(front_settings) as front:
+            fc = openai.OpenAI(base_url=front.url + "/v1", api_key=API_KEY, max_retries=0)
+            _promote(redis_client, settings.redis_prefix, root, "v1")
+            _wait(lambda: front.service.versions.promoted == "v1", "strop to serve v1")
+            for vllm in (a, b):
+                ids = {m["id"] for m in httpx.get(vllm.url + "/v1/models").json()["data"]}
+                assert "strop-v1" in ids
+            for _ in range(4):
+                r = fc.chat.completions.create(model="strop", messages=MESSAGES, max_tokens=4)
+                assert r.model == "strop@v1"
+            assert [x["served"] for x in _front_health(front)["replicas"]] == [2, 2]
+
+            caplog.set_level(logging.ERROR, logger="strop.versions")
+            _promote(redis_client, settings.redis_prefix, root, "v2")
+            _wait(
+                lambda: any("could not switch" in r.getMessage() for r in caplog.records),
+                "the front to try v2",
+            )
+            assert f"replica {b.url} refused strop-v2" in caplog.text
+            assert front.service.versions.promoted == "v1"
+            ids = {m["id"] for m in httpx.get(a.url + "/v1/models").json()["data"]}
+            assert "strop-v2" not in ids and "strop-v1" in ids  # a unloaded it again
+
+            with Traffic(front.url, clients=2) as traffic:
+                _wait(lambda: traffic.answered >= 2, "traffic")
+                b.kill()
+                at_kill = traffic.answered
+                _wait(lambda: traffic.answered >= at_kill + 8, "a to answer alone", 300)
+            assert traffic.errors == [], traffic.errors[:3]
+            assert not _front_health(front)["replicas"][1]["ok"]
+    finally:
+        a.kill()
+        b.kill()
