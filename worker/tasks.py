@@ -65,10 +65,10 @@ class BuildTask(Task):
             ctx.metrics.observe([Obs("dropped", "unknown", label="failed")])
 
 
-@shared_task(
-    name="worker.build_group",
+# Both builds: acknowledged only once done (a killed worker's task is redelivered; the
+# marker keeps it from being written twice), retried with back-off on what a retry cures.
+BUILD_OPTIONS: dict = dict(
     bind=True,
-    base=BuildTask,
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=TRANSIENT_ERRORS,
@@ -77,6 +77,9 @@ class BuildTask(Task):
     max_retries=5,
     ignore_result=True,
 )
+
+
+@shared_task(name="worker.build_group", base=BuildTask, **BUILD_OPTIONS)
 def build_group(self: Task, log_id: str) -> str:
     """Sample, reward and write the group of one prompt-log entry (idempotent)."""
     ctx = get_context(self.app)
@@ -85,17 +88,7 @@ def build_group(self: Task, log_id: str) -> str:
     return build(ctx, log_id, deadline)
 
 
-@shared_task(
-    name="worker.build_feedback",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT_ERRORS,
-    retry_backoff=True,
-    retry_jitter=True,
-    max_retries=5,
-    ignore_result=True,
-)
+@shared_task(name="worker.build_feedback", **BUILD_OPTIONS)
 def build_feedback(self: Task, log_id: str, request_id: str) -> str:
     """The feedback group of a request whose prompt was built before its feedback came
     (once per request id, however often it is sent)."""
