@@ -6,6 +6,7 @@ dies is reported and restarted once, and if it dies again the whole stack stops 
 than run half-way.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -76,7 +77,10 @@ class Child:
         try:
             self.proc.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            # The whole group: a Celery worker killed alone leaves its pool children
+            # running, orphaned, on the old Redis prefix.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 

@@ -241,3 +241,38 @@ def test_up_engine_vllm_serves_chat_through_vllm_then_stops_it(stack):
     assert [p for p in processes if _alive(p)] == []
     with pytest.raises(httpx.HTTPError):
         httpx.get(vllm_url + "/health", timeout=2)
+
+
+def test_up_child_that_ignores_sigterm_is_killed_with_the_processes_it_started(tmp_path):
+    # A Celery worker busy with a long build outlives the grace period; killing only its
+    # main process used to leave its pool children running, orphaned.
+    pidfile = tmp_path / "grandchild.pid"
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "g = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(g.pid))\n"
+        "time.sleep(600)\n"
+    )
+    child = up.Child("worker", [sys.executable, "-c", script], dict(os.environ))
+    child.start()
+    deadline = time.time() + 30
+    while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    grandchild = int(pidfile.read_text())
+    child.stop()
+    child.wait_stopped(time.time() + 1.0)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{grandchild}/stat") as f:  # a zombie awaiting its reaper is gone too
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(grandchild, signal.SIGKILL)
+        raise AssertionError("the child's own child outlived `strop up`")
