@@ -4,11 +4,13 @@ import asyncio
 import threading
 import time
 
+import redis
 import uvicorn
 
 from service.app import create_app
+from strop.records import Keys, PromptLogRecord
 from strop.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import REDIS_URL, free_port
 
 
 class ServerThread:
@@ -68,3 +70,22 @@ def make_adapter(path, model_dir, seed: int = 0, scale: float = 1.0):
                 p.mul_(scale)
     peft_model.save_pretrained(path)
     return path
+
+
+def logged(settings: Settings) -> list[PromptLogRecord]:
+    """The prompt-log records under the settings' Redis prefix, oldest first."""
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        entries = r.xrange(Keys(settings.redis_prefix).prompt_log)
+    finally:
+        r.close()
+    return [PromptLogRecord.model_validate_json(f["data"]) for _, f in entries]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

@@ -14,10 +14,10 @@ import httpx
 import pytest
 import redis
 
-from strop.records import Keys, PromptLogRecord
+from strop.records import Keys
 from tests.conftest import REDIS_URL
 from tests.service.conftest import API_KEY
-from tests.service.harness import ServerThread
+from tests.service.harness import ServerThread, logged, wait_for
 
 OTHER_KEY = "sk-test-other-key"
 LONG = 480  # completion tokens that keep the tiny model busy for seconds (context 512)
@@ -35,24 +35,6 @@ def chat(server, payload: dict, key: str = API_KEY, timeout: float = 60) -> http
     return httpx.post(
         server.url + "/v1/chat/completions", json=payload, headers=auth(key), timeout=timeout
     )
-
-
-def logged(settings) -> list[PromptLogRecord]:
-    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    try:
-        entries = r.xrange(Keys(settings.redis_prefix).prompt_log)
-    finally:
-        r.close()
-    return [PromptLogRecord.model_validate_json(f["data"]) for _, f in entries]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def engine_busy(server) -> int:

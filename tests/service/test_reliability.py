@@ -22,7 +22,7 @@ import redis
 from strop.records import Keys, PromptLogRecord, SamplingRecord
 from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
 from tests.service.conftest import ADMIN_KEY, API_KEY
-from tests.service.harness import ServerThread
+from tests.service.harness import ServerThread, logged, wait_for
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
@@ -45,24 +45,6 @@ def chat(server, body, headers: dict | None = None, **kw) -> httpx.Response:
         timeout=60,
         **kw,
     )
-
-
-def logged(settings) -> list[PromptLogRecord]:
-    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    try:
-        entries = r.xrange(Keys(settings.redis_prefix).prompt_log)
-    finally:
-        r.close()
-    return [PromptLogRecord.model_validate_json(f["data"]) for _, f in entries]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def assert_envelope(r: httpx.Response, status: int) -> dict:
