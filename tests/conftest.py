@@ -74,6 +74,8 @@ def tiny_engine(tiny_model_dir):
 class RedisServer:
     """A private redis-server on its own port, which a test may stop and start again."""
 
+    persistence = ["--save", "", "--appendonly", "no"]  # nothing on disk: a restart is empty
+
     def __init__(self, tmp: Path):
         self.port = free_port()
         self.dir = tmp
@@ -91,10 +93,7 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+                *self.persistence,
                 "--dir",
                 str(self.dir),
             ],

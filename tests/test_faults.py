@@ -31,7 +31,7 @@ from strop.records import Keys, PreferencePair, PromptLogRecord, ScoredGroup
 from strop.registry import Registry
 from strop.settings import Settings
 from strop.versions import version_number
-from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
+from tests.conftest import MODEL_CACHE, REDIS_URL, RedisServer
 from tests.learner.harness import pair, service_settings
 from tests.service.conftest import API_KEY, adapter_root, settings  # noqa: F401
 from tests.service.harness import ServerThread
@@ -60,36 +60,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
 # --- (a) Redis frozen, then killed, under traffic -------------------------------------
 
 
-class DurableRedis:
+class DurableRedis(RedisServer):
     """A private redis-server that fsyncs every write (AOF, `appendfsync always`), so that
     killing it loses nothing it acknowledged: whatever goes missing was lost by strop."""
 
-    def __init__(self, data_dir: Path):
-        self.port = free_port()
-        self.dir = data_dir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-            + ["--dir", str(self.dir), "--save", "", "--appendonly", "yes"]
-            + ["--appendfsync", "always"],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        assert wait_until(lambda: self._pings(client), timeout=10), "redis-server did not start"
-        client.close()
-
-    @staticmethod
-    def _pings(client: redis.Redis) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
+    persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
