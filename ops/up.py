@@ -151,6 +151,25 @@ def check_vllm(python: Path) -> None:
         )
 
 
+def vllm_command(settings: Settings, model_dir: str, port: int) -> tuple[list[str], dict]:
+    """The argv and environment of a vLLM serving `model_dir` as `base` on 127.0.0.1:`port`,
+    with runtime LoRA loading sized for strop's settings."""
+    argv = [str(settings.vllm_python), "-m", "vllm.entrypoints.openai.api_server"]
+    argv += ["--model", model_dir, "--served-model-name", "base"]
+    # The CPU build runs float32; on a GPU let vLLM pick the model's own dtype.
+    argv += ["--dtype", "auto" if shutil.which("nvidia-smi") else "float32"]
+    argv += ["--enable-lora", "--max-lora-rank", str(max(16, settings.lora_rank))]
+    # The promoted version and `keep_loaded` others (at least one): the service never holds more.
+    argv += ["--max-loras", str(max(2, settings.adapters_keep_loaded + 1))]
+    argv += ["--max-model-len", str(settings.max_context or 2048)]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    if settings.engine_api_key:
+        argv += ["--api-key", settings.engine_api_key]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; its default (4) is a lot for a laptop
+    return argv, env
+
+
 def vllm_child(settings: Settings, model_dir: str) -> Child:
     """vLLM serving `model_dir` as `base` at STROP_ENGINE_URL, with runtime LoRA loading."""
     urls = settings.engine_urls
@@ -160,19 +179,7 @@ def vllm_child(settings: Settings, model_dir: str) -> Child:
             f"--engine vllm starts one vLLM on this machine: STROP_ENGINE_URL must be one "
             f"http://127.0.0.1:PORT, not {settings.engine_url!r}"
         )
-    argv = [str(settings.vllm_python), "-m", "vllm.entrypoints.openai.api_server"]
-    argv += ["--model", model_dir, "--served-model-name", "base"]
-    # The CPU build runs float32; on a GPU let vLLM pick the model's own dtype.
-    argv += ["--dtype", "auto" if shutil.which("nvidia-smi") else "float32"]
-    argv += ["--enable-lora", "--max-lora-rank", str(max(16, settings.lora_rank))]
-    # The promoted version, `keep_loaded` older ones, and one pinned being loaded.
-    argv += ["--max-loras", str(settings.adapters_keep_loaded + 2)]
-    argv += ["--max-model-len", str(settings.max_context or 2048)]
-    argv += ["--host", "127.0.0.1", "--port", str(parsed.port or 80)]
-    if settings.engine_api_key:
-        argv += ["--api-key", settings.engine_api_key]
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "PYTHONUNBUFFERED": "1"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; its default (4) is a lot for a laptop
+    argv, env = vllm_command(settings, model_dir, parsed.port or 80)
     return Child("vllm", argv, env)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.engines.base import Engine
+from service.engines.base import Engine, EngineError
 from service.protocol import APIError
 from strop.adapters import AdapterStore
 from strop.records import Keys
@@ -61,6 +61,7 @@ class Versions:
         self.released: set[str] = set()  # learner versions the registry promoted (ever)
         self.swaps = 0
         self._lock = asyncio.Lock()
+        self._let_go = asyncio.Event()  # set when a request stops using an adapter
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -98,8 +99,20 @@ class Versions:
                 self.in_use[adapter] -= 1
                 if not self.in_use[adapter]:
                     del self.in_use[adapter]
+                    self._let_go.set()
 
     async def _resolve(self, model: str, internal: bool = False) -> tuple[str, str | None]:
+        try:
+            return await self._resolve_loaded(model, internal)
+        except EngineError as e:  # unreachable, or it refused the adapter: not the caller's doing
+            raise APIError(
+                503,
+                f"The engine could not load the model `{model}`: {e}",
+                type="server_error",
+                code="engine_unavailable",
+            ) from e
+
+    async def _resolve_loaded(self, model: str, internal: bool) -> tuple[str, str | None]:
         if model == BASE:
             return BASE, None
         if model == PROMOTED_MODEL:
@@ -126,24 +139,35 @@ class Versions:
     # --- loading ----------------------------------------------------------------------
 
     async def ensure_loaded(self, version: str) -> str:
-        """Load `version` into the engine if needed; returns its adapter name."""
-        async with self._lock:
-            if version in self.loaded:
-                self.loaded.move_to_end(version)
-                return self.loaded[version]
-            name = engine_adapter_name(version)
-            path = self.store.path(version).resolve()
-            await self.engine.load_adapter(name, str(path))
-            self.loaded[version] = name
-            log.info("loaded adapter %s from %s", name, path)
-            await self._evict()
-            return name
+        """Load `version` into the engine if needed; returns its adapter name. The engine
+        holds at most the promoted version and `keep_loaded` others (vLLM's --max-loras is
+        sized to that): when every other one is in use, wait until a request lets one go."""
+        while True:
+            async with self._lock:
+                if version in self.loaded:
+                    self.loaded.move_to_end(version)
+                    return self.loaded[version]
+                self._let_go.clear()  # before evicting: a release during it is not missed
+                await self._evict(room_for=1)
+                if self._room():
+                    name = engine_adapter_name(version)
+                    path = self.store.path(version).resolve()
+                    await self.engine.load_adapter(name, str(path))
+                    self.loaded[version] = name
+                    log.info("loaded adapter %s from %s", name, path)
+                    return name
+            await self._let_go.wait()
 
-    async def _evict(self) -> None:
-        # Keep the promoted version plus `keep_loaded` others; a version a request is
-        # using stays until a later eviction (the engine also defers, this is belt and braces).
+    def _room(self) -> bool:
+        """Whether one more version fits beside the promoted one and the others loaded."""
         spare = [v for v in self.loaded if v != self.promoted]
-        for version in spare[: max(0, len(spare) - self.keep_loaded)]:
+        return len(spare) < max(1, self.keep_loaded)
+
+    async def _evict(self, room_for: int = 0) -> None:
+        # Keep the promoted version plus `keep_loaded` others (`room_for` of them about to be
+        # loaded); a version a request is using stays until it is let go.
+        spare = [v for v in self.loaded if v != self.promoted]
+        for version in spare[: max(0, len(spare) + room_for - self.keep_loaded)]:
             name = self.loaded[version]
             if self.in_use.get(name):
                 continue
@@ -154,6 +178,7 @@ class Versions:
     def forget(self, version: str) -> None:
         """The engine no longer has `version` (e.g. a restarted vLLM): load it again on next use."""
         self.loaded.pop(version, None)
+        self._let_go.set()  # its slot is free
 
     async def load_external(self, name: str, path: str) -> None:
         await self.engine.load_adapter(name, path)
