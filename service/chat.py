@@ -21,6 +21,7 @@ from service.engines.base import (
     ContextTooLong,
     Delta,
     Engine,
+    EngineRejected,
     SamplingParams,
     StreamEnd,
     TokenLogprob,
@@ -240,16 +241,7 @@ class ChatService:
                         self._done(call, new_request_id(), version, [""] * n, [CANCELLED] * n)
                         raise
                     except AdapterNotFound:
-                        # The engine lost an adapter we loaded (a restarted vLLM): forget it
-                        # so the lease loads it again, and try once more.
-                        self.versions.forget(version)
-                        if attempt == 2:
-                            raise APIError(
-                                503,
-                                f"The engine lost adapter {adapter}; try again.",
-                                type="server_error",
-                                code="engine_unavailable",
-                            ) from None
+                        self._lost(version, adapter, attempt)
         response = ChatCompletion(
             id=new_request_id(),
             model=pinned_model(version),
@@ -295,15 +287,27 @@ class ChatService:
 
     async def _sse(self, call: "_Call") -> AsyncIterator[str]:
         with self.queue.hold(call.key, call.params.n, call.internal):
-            async with self.versions.lease(call.req.model, call.internal) as (version, adapter):
-                yield ""  # taken by stream(), never sent
-                lines = self._sse_lines(call, version, adapter)
-                async with contextlib.aclosing(lines):
-                    async for line in lines:
-                        yield line
+            for attempt in (1, 2):
+                async with self.versions.lease(call.req.model, call.internal) as (version, adapter):
+                    engine = self.engine.stream(call.messages, call.params, adapter)
+                    items = self._run_stream(engine)
+                    async with contextlib.aclosing(items):
+                        # The engine's first item before the first byte: an engine that
+                        # refuses the request (vLLM's 400s) gets its status, not an error event.
+                        try:
+                            first = await anext(items, None)
+                        except AdapterNotFound:
+                            self._lost(version, adapter, attempt)
+                            continue
+                        yield ""  # taken by stream(), never sent
+                        lines = self._sse_lines(call, version, _chain(first, items))
+                        async with contextlib.aclosing(lines):
+                            async for line in lines:
+                                yield line
+                        return
 
     async def _sse_lines(
-        self, call: "_Call", version: str, adapter: str | None
+        self, call: "_Call", version: str, items: AsyncIterator[Delta | StreamEnd]
     ) -> AsyncIterator[str]:
         req, n = call.req, call.params.n
         rid, created, model = new_request_id(), int(time.time()), pinned_model(version)
@@ -325,7 +329,6 @@ class ChatService:
                     for i in range(n)
                 ]
             )
-            items = self._run_stream(self.engine.stream(call.messages, call.params, adapter))
             async with contextlib.aclosing(items):
                 async for item in items:
                     if isinstance(item, StreamEnd):
@@ -379,6 +382,8 @@ class ChatService:
             raise
         except ContextTooLong as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from e
+        except EngineRejected as e:
+            raise APIError(400, f"The engine refused this request: {e}") from e
         except Exception as e:  # the engine failed: degrade to a 503, keep serving
             raise APIError(
                 503,
@@ -387,6 +392,18 @@ class ChatService:
                 code="engine_unavailable",
             ) from e
 
+    def _lost(self, version: str, adapter: str | None, attempt: int) -> None:
+        """The engine lost an adapter we loaded (a restarted vLLM): forget it so the next
+        lease loads it again; a 503 if that was the second try."""
+        self.versions.forget(version)
+        if attempt == 2:
+            raise APIError(
+                503,
+                f"The engine lost adapter {adapter}; try again.",
+                type="server_error",
+                code="engine_unavailable",
+            )
+
     async def _run_stream(self, agen):
         # Closing this closes the engine's stream too, which drops its sequences at once
         # (`async for` alone would leave that to the garbage collector).
@@ -394,8 +411,10 @@ class ChatService:
             try:
                 async for item in agen:
                     yield item
-            except APIError:
+            except (APIError, AdapterNotFound):
                 raise
+            except EngineRejected as e:
+                raise APIError(400, f"The engine refused this request: {e}") from e
             except Exception as e:
                 raise APIError(
                     503,
@@ -468,6 +487,14 @@ class _Call:
     params: SamplingParams
     prompt_tokens: int
     start: float = field(default_factory=time.perf_counter)
+
+
+async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
+    """`first` (unless None), then the rest."""
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
 
 
 async def _unless_gone(coro: Awaitable[Any], disconnected: Disconnected | None) -> Any:

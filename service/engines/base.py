@@ -14,6 +14,10 @@ class EngineError(RuntimeError):
     """The engine could not serve a request (unreachable, overloaded, failed)."""
 
 
+class EngineRejected(ValueError):
+    """The engine found the request itself invalid (a remote's 400): the caller's to fix."""
+
+
 class ContextTooLong(ValueError):
     """The prompt plus the requested completion does not fit the model's context.
 

@@ -21,6 +21,7 @@ from service.engines.base import (
     ContextTooLong,
     Delta,
     EngineError,
+    EngineRejected,
     Generation,
     SamplingParams,
     StreamEnd,
@@ -117,6 +118,8 @@ class RemoteEngine:
             raise AdapterNotFound(f"remote engine does not know adapter {adapter}: {message}")
         if r.status_code == 400 and "context" in message.lower():
             raise ContextTooLong(message)
+        if r.status_code in (400, 422):
+            raise EngineRejected(message)
         raise EngineError(f"remote engine answered {r.status_code}: {message}")
 
     async def generate(self, messages, params: SamplingParams, adapter: str | None) -> Generation:
