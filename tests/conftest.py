@@ -71,6 +71,30 @@ def tiny_engine(tiny_model_dir):
     )
 
 
+@pytest.fixture(scope="session")
+def vllm_session(default_model_dir):
+    """One real vLLM on the default model for the whole session (it takes minutes to start):
+    adapters up to rank 16, at most 4 of them (the promoted version and 3 others)."""
+    from strop.settings import Settings
+    from tests.vllm import VLLMServer
+
+    sized = Settings(max_context=1024, lora_rank=16, adapters_keep_loaded=3, engine_api_key=None)
+    server = VLLMServer(default_model_dir, sized).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def vllm(vllm_session):
+    """The session's vLLM, answering and holding no adapters (a test before may have killed
+    it, or left adapters whose names the next test reuses for other weights)."""
+    if not vllm_session.healthy():
+        vllm_session.kill()
+        vllm_session.start()
+    vllm_session.clear()
+    return vllm_session
+
+
 class RedisServer:
     """A private redis-server on its own port, which a test may stop and start again."""
 

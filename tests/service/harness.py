@@ -3,12 +3,14 @@
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import redis
 import uvicorn
 
 from service.app import create_app
-from strop.records import Keys, PromptLogRecord
+from strop.records import AdapterVersion, Keys, PromptLogRecord
+from strop.registry import Registry
 from strop.settings import Settings
 from tests.conftest import REDIS_URL, free_port
 
@@ -52,7 +54,7 @@ def start_engine(engine):
     return engine
 
 
-def make_adapter(path, model_dir, seed: int = 0, scale: float = 1.0):
+def make_adapter(path, model_dir, seed: int = 0, scale: float = 1.0, rank: int = 8):
     """A LoRA adapter on disk whose weights really change the model's output."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -61,7 +63,7 @@ def make_adapter(path, model_dir, seed: int = 0, scale: float = 1.0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
@@ -80,6 +82,13 @@ def logged(settings: Settings) -> list[PromptLogRecord]:
     finally:
         r.close()
     return [PromptLogRecord.model_validate_json(f["data"]) for _, f in entries]
+
+
+def promote(redis_client, prefix: str, root: Path, version: str) -> None:
+    """Register `version` (its adapter in `root`) and promote it, as the learner's gate would."""
+    registry = Registry(redis_client, Keys(prefix))
+    registry.add(AdapterVersion(version=version, parent="base", path=str(root / version)))
+    registry.promote(version)
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:

@@ -102,3 +102,18 @@ def test_remote_engine_that_lost_an_adapter_gets_it_again(front):
     assert again.model == "strop@v1"
     assert again.choices[0].message.content == first.choices[0].message.content
     assert "strop-v1" in back.service.versions.external
+
+    # A stream meets the loss before its first byte, so it is mended the same way.
+    httpx.post(
+        back.url + "/v1/unload_lora_adapter",
+        json={"lora_name": "strop-v1"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    chunks = list(
+        fc.chat.completions.create(
+            model="strop@v1", messages=MESSAGES, max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert {c.model for c in chunks} == {"strop@v1"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == first.choices[0].message.content

@@ -1,12 +1,12 @@
 """Several remote engine replicas behind one strop (STROP_ENGINE_URL with several URLs).
 
 The replicas are real strop services (they speak vLLM's protocol); in the kill test they run
-as `strop serve` processes so that one can be SIGKILLed and started again on its port.
+as `strop serve` processes so that one can be SIGKILLed and started again on its port. The
+last test runs two real vLLM servers: the session's and one of its own.
 """
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,12 +17,11 @@ import httpx
 import openai
 import pytest
 
-from strop.records import AdapterVersion, Keys
-from strop.registry import Registry
 from strop.settings import Settings
 from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
 from tests.service.conftest import ADMIN_KEY, API_KEY
-from tests.service.harness import ServerThread
+from tests.service.harness import ServerThread, make_adapter, promote
+from tests.vllm import VLLMServer
 
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -36,12 +35,6 @@ def _adapters_on(url: str) -> set[str]:
 
 def _front_health(front: ServerThread) -> dict:
     return httpx.get(front.url + "/health").json()["engine"]
-
-
-def _promote(redis_client, prefix: str, root: Path, version: str) -> None:
-    registry = Registry(redis_client, Keys(prefix))
-    registry.add(AdapterVersion(version=version, parent="base", path=str(root / version)))
-    registry.promote(version)
 
 
 def _wait(cond, what: str, timeout: float = 60.0) -> None:
@@ -102,7 +95,7 @@ def test_replicas_new_version_loaded_on_every_replica_before_strop_moves(
 
             watcher = threading.Thread(target=watch)
             watcher.start()
-            _promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
+            promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
             watcher.join(60)
             assert moved_with == [{"strop-v1"}, {"strop-v1"}]
             fc = openai.OpenAI(base_url=front.url + "/v1", api_key=API_KEY, max_retries=0)
@@ -124,7 +117,7 @@ def test_replicas_one_refusing_keeps_strop_where_it_was_and_the_others_unload(
         front_settings.engine_url = f"{a.url},{b.url}"
         with ServerThread(front_settings) as front:
             caplog.set_level(logging.ERROR, logger="strop.versions")
-            _promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
+            promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
             _wait(
                 lambda: any("could not switch" in r.getMessage() for r in caplog.records),
                 "the front to try v1",
@@ -221,7 +214,7 @@ def test_replicas_one_killed_traffic_goes_to_the_other_and_restarted_it_rejoins_
     try:
         a.start(), b.start()
         front_settings.engine_url = f"{a.url},{b.url}"
-        _promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
+        promote(redis_client, settings.redis_prefix, settings.adapter_dir, "v1")
         with ServerThread(front_settings) as front:
             _wait(lambda: front.service.versions.promoted == "v1", "strop to serve v1")
 
@@ -249,72 +242,19 @@ def test_replicas_one_killed_traffic_goes_to_the_other_and_restarted_it_rejoins_
         b.kill()
 
 
-class VLLMProcess:
-    """A real vLLM (CPU build) OpenAI server on the default model, with runtime LoRA loading."""
-
-    def __init__(self, model_dir: Path, max_lora_rank: int):
-        python = Settings().vllm_python
-        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-        installed = python.exists() and subprocess.run([python, "-c", probe]).returncode == 0
-        assert installed, f"no vLLM at {python}: run `bash scripts/vllm-venv` (CI's set-up does)"
-        self.port = free_port()
-        argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-        argv += ["--served-model-name", "base", "--dtype", "float32", "--enable-lora"]
-        argv += ["--max-lora-rank", str(max_lora_rank), "--max-loras", "4"]
-        argv += ["--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(self.port)]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        # its own session: killing the group takes vLLM's engine process down with it
-        self.proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.proc.poll() is None, "vLLM exited before serving"
-            try:
-                return httpx.get(self.url + "/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        _wait(ready, f"vLLM on {self.port}", timeout=900)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-
-
-def _lora(path: Path, model_dir: Path, rank: int) -> Path:
-    """A PEFT adapter of `rank` for the default model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
-    get_peft_model(model, config).save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
-    settings, redis_client, tmp_path, default_model_dir, caplog
+    settings, redis_client, tmp_path, default_model_dir, vllm, caplog
 ):
-    # b accepts adapters up to rank 8 only: a rank-16 version is a real refusal by vLLM
-    a, b = VLLMProcess(default_model_dir, 16), VLLMProcess(default_model_dir, 8)
+    # a: the session's vLLM (rank 16); b accepts rank 8 only, so a rank-16 version is a
+    # real refusal by vLLM
+    a = vllm
+    b = VLLMServer(default_model_dir, Settings(max_context=1024), ("--max-lora-rank", "8"))
     try:
         root = tmp_path / "adapters"
-        _lora(root / "v1", default_model_dir, rank=8)
-        _lora(root / "v2", default_model_dir, rank=16)
-        a.wait_ready(), b.wait_ready()
+        make_adapter(root / "v1", default_model_dir, rank=8)
+        make_adapter(root / "v2", default_model_dir, rank=16)
+        b.start()
         front_settings = settings.model_copy(
             update={
                 "engine": "remote",
@@ -326,7 +266,7 @@ def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
         )
         with ServerThread(front_settings) as front:
             fc = openai.OpenAI(base_url=front.url + "/v1", api_key=API_KEY, max_retries=0)
-            _promote(redis_client, settings.redis_prefix, root, "v1")
+            promote(redis_client, settings.redis_prefix, root, "v1")
             _wait(lambda: front.service.versions.promoted == "v1", "strop to serve v1")
             for vllm in (a, b):
                 ids = {m["id"] for m in httpx.get(vllm.url + "/v1/models").json()["data"]}
@@ -337,7 +277,7 @@ def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
             assert [x["served"] for x in _front_health(front)["replicas"]] == [2, 2]
 
             caplog.set_level(logging.ERROR, logger="strop.versions")
-            _promote(redis_client, settings.redis_prefix, root, "v2")
+            promote(redis_client, settings.redis_prefix, root, "v2")
             _wait(
                 lambda: any("could not switch" in r.getMessage() for r in caplog.records),
                 "the front to try v2",
@@ -355,5 +295,4 @@ def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
             assert traffic.errors == [], traffic.errors[:3]
             assert not _front_health(front)["replicas"][1]["ok"]
     finally:
-        a.kill()
         b.kill()
