@@ -1,9 +1,10 @@
 """docker-compose.yml, the Dockerfile and deploy/, checked without a Docker engine.
 
 The compose file is parsed with PyYAML and its `${...}` variables are resolved here the way
-Compose resolves them, so every check runs on the data itself; `docker compose config`
-runs too where the compose plugin is installed. The health-check script is run for real
-against the local Redis.
+Compose resolves them, so every check runs on the data itself; a real compose client's
+`config` (`docker compose`, else Debian's docker-compose, which .ci/setup installs) must
+resolve the same, and the installed vLLM's own `vllm serve` parser must accept the vllm
+service's command line. The health-check script is run for real against the local Redis.
 """
 
 import importlib.util
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ import redis
 import yaml
 
 from ops.cli import build_parser
+from ops.up import check_vllm
 from strop.records import Keys
 from strop.settings import Settings
 from tests.conftest import REDIS_URL
@@ -394,6 +397,193 @@ def test_compose_redis_appends_to_a_named_volume():
     assert flag(cmd, "--appendonly") == "yes"
     assert mounts(redis_svc)["/data"][0] in c["volumes"]
     assert "ping" in " ".join(redis_svc["healthcheck"]["test"])
+
+
+# --- docker-compose.yml read by the installed vLLM and a real compose client --------------------
+
+# The variables docker-compose.yml documents for the vllm service, all set at once.
+VLLM_OVERRIDES = {
+    "STROP_MODEL": "org/other",
+    "STROP_LORA_RANK": "16",
+    "VLLM_MAX_LORAS": "6",
+    "VLLM_GPU_MEMORY_UTILIZATION": "0.9",
+}
+
+# Run by vLLM's Python: each command line of stdin's JSON list parsed as `vllm serve` parses
+# it (vllm/entrypoints/cli/main.py, with only the serve sub-command) and then checked as
+# `vllm serve` checks it before loading anything. One process: importing vLLM takes seconds.
+_VLLM_SERVE_PARSE = """
+import contextlib, io, json, sys
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+results = []
+for argv in json.load(sys.stdin):
+    parser = FlexibleArgumentParser(prog="vllm")
+    serve = ServeSubcommand()
+    serve_parser = serve.subparser_init(parser.add_subparsers(dest="subparser"))
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(["serve", *argv])
+            serve.validate(args)
+    except SystemExit:
+        results.append({"error": stderr.getvalue().strip().splitlines()[-1]})
+        continue
+    except (TypeError, ValueError) as e:
+        results.append({"error": str(e)})
+        continue
+    # a flag vLLM has renamed still parses, as a deprecated alias of the new one
+    deprecated = [
+        a.option_strings[0]
+        for a in serve_parser._actions
+        if (a in getattr(serve_parser, "_deprecated", ()) or getattr(a, "deprecated", False))
+        and getattr(args, a.dest, a.default) != a.default
+    ]
+    results.append({"args": vars(args), "deprecated": deprecated})
+with open(sys.argv[1], "w") as f:
+    json.dump(results, f, default=repr)
+"""
+
+
+@pytest.fixture(scope="module")
+def vllm_serve(tmp_path_factory) -> dict[str, dict]:
+    """Case -> what the installed vLLM's `vllm serve` made of that vllm command line:
+    {"args": ..., "deprecated": [...]} or {"error": ...}."""
+    python = Settings().vllm_python
+    check_vllm(python)  # a clear failure, saying how to install it
+    default = command(services()["vllm"])
+    argvs = {
+        "default": default,
+        "overrides": command(services({**REQUIRED_ENV, **VLLM_OVERRIDES})["vllm"]),
+        "unknown flag": [*default, "--no-such-flag"],
+        "rank 7": command(services({**REQUIRED_ENV, "STROP_LORA_RANK": "7"})["vllm"]),
+    }
+    out = tmp_path_factory.mktemp("vllm") / "parsed.json"
+    proc = subprocess.run(
+        [str(python), "-c", _VLLM_SERVE_PARSE, str(out)],
+        input=json.dumps(list(argvs.values())),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(zip(argvs, json.loads(out.read_text()), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("case", "model", "rank", "loras", "gpu_memory"),
+    [
+        ("default", "HuggingFaceTB/SmolLM2-135M-Instruct", 8, 4, 0.6),
+        ("overrides", "org/other", 16, 6, 0.9),
+    ],
+    ids=["default", "overrides"],
+)
+def test_compose_vllm_command_parses_with_the_installed_vllm_serve(
+    vllm_serve, case, model, rank, loras, gpu_memory
+):
+    parsed = vllm_serve[case]
+    assert "error" not in parsed, f"`vllm serve` refuses the compose command: {parsed['error']}"
+    assert not parsed["deprecated"], f"flags vLLM has renamed: {parsed['deprecated']}"
+    args = parsed["args"]
+    s = services({**REQUIRED_ENV, **VLLM_OVERRIDES} if case == "overrides" else REQUIRED_ENV)
+    # the positional model (`vllm serve` makes it args.model) is the one strop tokenizes
+    assert args["model_tag"] == model == environment(s["service"])["STROP_MODEL"]
+    assert args["served_model_name"] == ["base"]
+    assert args["enable_lora"] is True
+    assert args["max_lora_rank"] == rank == int(environment(s["learner"])["STROP_LORA_RANK"])
+    assert args["max_loras"] == loras
+    assert args["gpu_memory_utilization"] == gpu_memory
+    assert args["host"] == "0.0.0.0"  # the service reaches it across the compose network
+    assert environment(s["service"])["STROP_ENGINE_URL"] == f"http://vllm:{args['port']}"
+    assert args["port"] == 8000
+
+
+@pytest.mark.parametrize(
+    ("case", "refusal"),
+    [
+        ("unknown flag", "unrecognized arguments: --no-such-flag"),
+        ("rank 7", "argument --max-lora-rank: invalid choice: 7"),
+    ],
+)
+def test_compose_vllm_command_with_a_flag_or_value_vllm_refuses_fails(vllm_serve, case, refusal):
+    assert refusal in vllm_serve[case].get("error", ""), vllm_serve[case]
+
+
+def _client_version(argv: list[str]) -> str | None:
+    if not shutil.which(argv[0]):
+        return None
+    try:
+        proc = subprocess.run([*argv, "version"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    m = re.search(r"version v?(\d+\.\d+\.\d+)", proc.stdout)
+    return m.group(1) if proc.returncode == 0 and m else None
+
+
+@pytest.fixture(scope="module")
+def compose_client() -> tuple[list[str], str]:
+    """The compose client's argv and version: the Docker CLI's plugin, else docker-compose."""
+    for argv in (["docker", "compose"], ["docker-compose"]):
+        if version := _client_version(argv):
+            return argv, version
+    pytest.fail("no compose client (`docker compose`, `docker-compose`): .ci/setup installs one")
+
+
+def client_config(
+    client: tuple[list[str], str], profiles: set[str], env: dict[str, str], tmp_path: Path
+) -> subprocess.CompletedProcess:
+    """`config` of docker-compose.yml by the real client, under `profiles` and only `env`."""
+    argv, version = client
+    path, project = COMPOSE, []
+    if version.startswith("1."):
+        # Debian's docker-compose 1.29 refuses two Compose v2 keys: the top-level `name`
+        # (given as -p instead) and depends_on's `restart` (Compose 2.17); nothing else.
+        data = compose_raw()
+        project = ["-p", data.pop("name")]
+        for svc in data["services"].values():
+            for dependency in (svc.get("depends_on") or {}).values():
+                dependency.pop("restart", None)
+        path = tmp_path / "docker-compose.yml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    no_dotenv = tmp_path / "empty.env"  # a developer's .env must not change the outcome
+    no_dotenv.touch()
+    cmd = [*argv, "-f", str(path), "--project-directory", str(ROOT), "--env-file", str(no_dotenv)]
+    cmd += [*project, *(f"--profile={p}" for p in sorted(profiles)), "config"]
+    base_env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    return subprocess.run(
+        cmd, env={**base_env, **env}, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+
+
+@pytest.mark.parametrize(
+    ("profiles", "overrides"),
+    [({"gpu"}, {}), ({"cpu"}, {}), ({"gpu", "monitoring"}, {}), ({"gpu"}, VLLM_OVERRIDES)],
+    ids=["gpu", "cpu", "gpu+monitoring", "gpu-vllm-overrides"],
+)
+def test_compose_client_config_resolves_what_these_tests_resolve(
+    compose_client, tmp_path, profiles, overrides
+):
+    env = {**REQUIRED_ENV, **overrides}
+    proc = client_config(compose_client, profiles, env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    theirs = yaml.safe_load(proc.stdout)["services"]
+    ours = services(env)
+    # Compose v2 lists only the services the profiles enable, 1.29 lists all with their profiles
+    started = {
+        n for n, s in theirs.items() if not s.get("profiles") or set(s["profiles"]) & profiles
+    }
+    assert started == enabled(profiles)
+    for name in started:
+        assert command(theirs[name]) == command(ours[name]), name
+    if "vllm" in started:  # its command line is what `vllm serve` parses above
+        assert theirs["vllm"]["entrypoint"] == ["vllm", "serve"]
+
+
+def test_compose_client_config_without_admin_key_refuses(compose_client, tmp_path):
+    env = {"STROP_API_KEYS": REQUIRED_ENV["STROP_API_KEYS"]}
+    proc = client_config(compose_client, {"gpu"}, env, tmp_path)
+    assert proc.returncode != 0 and "set STROP_ADMIN_KEY" in proc.stderr, proc.stderr
 
 
 # --- Dockerfile and .dockerignore ------------------------------------------------------------
