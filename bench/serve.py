@@ -122,6 +122,35 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def hop_pairs(direct: tuple, front: tuple, n: int) -> dict:
+    """`n` pairs of 1-token requests, direct then through strop: the p50s and the median of
+    the pairs' differences (what strop adds)."""
+    times: dict[str, list[float]] = {"vllm": [], "front": []}
+    clients = {name: httpx.Client(timeout=600) for name in times}
+    try:
+        for i in range(n):
+            for name, (url, model, headers) in (("vllm", direct), ("front", front)):
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": 1,
+                    "temperature": 0,
+                }
+                t = time.perf_counter()
+                r = clients[name].post(url + "/v1/chat/completions", json=body, headers=headers)
+                times[name].append(time.perf_counter() - t)
+                r.raise_for_status()
+    finally:
+        for c in clients.values():
+            c.close()
+    diffs = [f - d for d, f in zip(times["vllm"], times["front"], strict=True)]
+    return {
+        "vllm_p50_s": statistics.median(times["vllm"]),
+        "front_p50_s": statistics.median(times["front"]),
+        "added_ms": statistics.median(diffs) * 1000,
+    }
+
+
 def run_clients(
     url: str,
     concurrency: int,
@@ -418,7 +447,7 @@ def bench_vllm(args: argparse.Namespace, levels: list[int]) -> None:
     prefixes = [f"bench-{uuid.uuid4().hex[:6]}:" for _ in range(2)]
     procs: dict[str, subprocess.Popen] = {}
     runs: dict[str, dict[int, list[dict]]] = {a: {c: [] for c in levels} for a in ARMS}
-    hop: dict[str, list[dict]] = {"vllm": [], "front": []}
+    hop: list[dict] = []
     print(f"starting vLLM on port {vllm_port} (log: {log_path})", flush=True)
     t_start = time.time()
     with tempfile.TemporaryDirectory() as adapters:
@@ -447,9 +476,8 @@ def bench_vllm(args: argparse.Namespace, levels: list[int]) -> None:
                         url, model, headers = arms[arm]
                         time.sleep(1)  # let the last arm's spinning OpenMP threads go to sleep
                         before = {n: group_cpu_s(p.pid) for n, p in procs.items()}
-                        r = run_clients(
-                            url, c, max(2, 16 // c), args.max_tokens, model=model, headers=headers
-                        )
+                        each = args.requests or max(2, 16 // c)
+                        r = run_clients(url, c, each, args.max_tokens, model=model, headers=headers)
                         used = {n: group_cpu_s(p.pid) - before[n] for n, p in procs.items()}
                         # cores busy: the arm's own servers, and the idle others meanwhile
                         r["server_cores"] = sum(used[n] for n in serving[arm]) / r["wall_s"]
@@ -464,15 +492,15 @@ def bench_vllm(args: argparse.Namespace, levels: list[int]) -> None:
                             f"others idle {r['idle_others_cores']:.2f}",
                             flush=True,
                         )
-                # The hop alone: 1-token requests, where decode time (and its noise) is
-                # near nothing, so what strop adds in front of vLLM stands out.
-                for arm in [a for a in order if a != "embedded"]:
-                    url, model, headers = arms[arm]
-                    hop[arm].append(run_clients(url, 1, 40, 1, model=model, headers=headers))
-                d, f = hop["vllm"][-1]["p50_s"], hop["front"][-1]["p50_s"]
+                # The hop alone: 1-token requests, where decode time is near nothing, in
+                # pairs (direct, then through strop, same prompt) so that vLLM's own drift
+                # cancels out of each pair's difference.
+                h = hop_pairs(arms["vllm"], arms["front"], 40)
+                hop.append(h)
                 print(
-                    f"repeat {rep + 1}: 1-token requests p50 {d * 1000:.1f} ms direct, "
-                    f"{f * 1000:.1f} ms through strop",
+                    f"repeat {rep + 1}: 1-token requests p50 {h['vllm_p50_s'] * 1000:.1f} ms "
+                    f"direct, {h['front_p50_s'] * 1000:.1f} ms through strop, "
+                    f"{h['added_ms']:.2f} ms added (median of pairs)",
                     flush=True,
                 )
         finally:
@@ -484,6 +512,7 @@ def bench_vllm(args: argparse.Namespace, levels: list[int]) -> None:
     keys = ("tokens_per_s", "p50_s", "p99_s", "server_cores", "idle_others_cores")
     results: dict = {
         "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests or "max(2, 16 // clients)",
         "repeats": args.repeats,
         "cores": os.cpu_count(),
         "embedded_threads": args.embedded_threads or None,  # None: torch's default
@@ -514,18 +543,17 @@ def bench_vllm(args: argparse.Namespace, levels: list[int]) -> None:
             "front_added_p50_ms": [(f["p50_s"] - d["p50_s"]) * 1000 for d, f, _ in reps],
             "embedded_over_direct": [e["tokens_per_s"] / d["tokens_per_s"] for d, _, e in reps],
         }
-    added = [(f["p50_s"] - d["p50_s"]) * 1000 for d, f in zip(*hop.values(), strict=True)]
-    paired["1-token"] = {"front_added_p50_ms": added}
+    paired["1-token"] = {"front_added_p50_ms": [h["added_ms"] for h in hop]}
     results["one_token"] = {
-        arm: {k: statistics.median(r[k] for r in rs) for k in ("p50_s", "p99_s")}
-        for arm, rs in hop.items()
+        arm: {"p50_s": statistics.median(h[f"{arm}_p50_s"] for h in hop)}
+        for arm in ("vllm", "front")
     }
     results["one_token_per_repeat"] = hop
     results["paired_per_repeat"] = paired
     results["paired"] = {
         c: {k: statistics.median(v) for k, v in p.items()} for c, p in paired.items()
     }
-    out = ROOT / "bench" / "results" / "serve-vllm.json"
+    out = (args.out or ROOT / "bench" / "results" / "serve-vllm.json").resolve()
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
 
@@ -573,7 +601,8 @@ def bench_vllm(args: argparse.Namespace, levels: list[int]) -> None:
     one, added = results["one_token"], results["paired"]["1-token"]["front_added_p50_ms"]
     print(
         f"\n1-token requests, 1 client: p50 {one['vllm']['p50_s'] * 1000:.1f} ms direct, "
-        f"{one['front']['p50_s'] * 1000:.1f} ms through strop: {added:.1f} ms added "
+        f"{one['front']['p50_s'] * 1000:.1f} ms through strop: {added:.2f} ms added, "
+        "median of direct/strop pairs "
         f"({'/'.join(f'{x:.1f}' for x in paired['1-token']['front_added_p50_ms'])})"
     )
     idle = max(r["idle_others_cores"] for by_c in runs.values() for rs in by_c.values() for r in rs)
@@ -597,6 +626,14 @@ def main() -> None:
         default=0,
         help="with --vllm: torch threads of the embedded strop (default: torch's, one per core)",
     )
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="with --vllm: requests each client sends (default max(2, 16 // clients)); more "
+        "makes a run longer and its straggler at the end count for less",
+    )
+    ap.add_argument("--out", type=Path, help="with --vllm: the JSON file (serve-vllm.json)")
     args = ap.parse_args()
     levels = [
         int(c) for c in (args.concurrency or ("1,8,16" if args.vllm else "1,4,8,16")).split(",")
