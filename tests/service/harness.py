@@ -1,10 +1,12 @@
 """A real uvicorn server in a thread, serving a strop app on a free port."""
 
 import asyncio
+import random
 import threading
 import time
 from pathlib import Path
 
+import openai
 import redis
 import uvicorn
 
@@ -89,6 +91,64 @@ def promote(redis_client, prefix: str, root: Path, version: str) -> None:
     registry = Registry(redis_client, Keys(prefix))
     registry.add(AdapterVersion(version=version, parent="base", path=str(root / version)))
     registry.promote(version)
+
+
+class Traffic:
+    """`clients` threads (the first `streams` of them streaming) asking strop for `models`,
+    picked at random, until stopped: every answer (when sent and answered, the model that
+    served it) and every failure kept."""
+
+    MESSAGES = [{"role": "user", "content": "Tell me something."}]
+
+    def __init__(self, url: str, api_key: str, clients: int, models: list[str], streams: int = 0):
+        self.url, self.api_key, self.models = url, api_key, models
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.answered: list[tuple[float, float, str, bool]] = []  # (sent, done, model, streamed)
+        self.failed: list[tuple[float, float, str]] = []  # (sent, seconds taken, error)
+        self.threads = [
+            threading.Thread(target=self._run, args=(i < streams,), daemon=True)
+            for i in range(clients)
+        ]
+
+    def _run(self, stream: bool) -> None:
+        client = openai.OpenAI(
+            base_url=self.url + "/v1", api_key=self.api_key, max_retries=0, timeout=120
+        )
+        while not self.stop.is_set():
+            t0 = time.time()
+            model = random.choice(self.models)
+            try:
+                if stream:
+                    chunks = list(
+                        client.chat.completions.create(
+                            model=model, messages=self.MESSAGES, max_tokens=4, stream=True
+                        )
+                    )
+                    assert chunks[-1].choices[0].finish_reason, "the stream ended early"
+                    served = chunks[0].model
+                    assert all(c.model == served for c in chunks), "a stream changed model"
+                else:
+                    r = client.chat.completions.create(
+                        model=model, messages=self.MESSAGES, max_tokens=4
+                    )
+                    served = r.model
+                with self.lock:
+                    self.answered.append((t0, time.time(), served, stream))
+            except Exception as e:  # every failure counts, whatever its kind
+                with self.lock:
+                    self.failed.append((t0, time.time() - t0, f"{e.__class__.__name__}: {e}"))
+                time.sleep(0.2)
+
+    def __enter__(self) -> "Traffic":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(150)
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:

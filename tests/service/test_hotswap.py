@@ -1,7 +1,6 @@
 """Hot-swapping the promoted version under load, rollback through the admin endpoint, and
 promotion through a remote engine (another strop service standing in for vLLM)."""
 
-import threading
 import time
 
 import httpx
@@ -11,7 +10,7 @@ import pytest
 from strop.records import AdapterVersion, Keys
 from strop.registry import Registry
 from tests.service.conftest import ADMIN_KEY, API_KEY
-from tests.service.harness import ServerThread, make_adapter
+from tests.service.harness import ServerThread, Traffic, make_adapter
 
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
 VERSIONS = ["v11", "v12", "v13", "v14"]  # numbers no other test's shared engine uses
@@ -36,54 +35,11 @@ def _register(registry: Registry, root, version: str) -> None:
     registry.add(AdapterVersion(version=version, parent="base", path=str(root / version)))
 
 
-class Load:
-    """Client threads sending requests (streaming and not) until stopped."""
-
-    def __init__(self, url: str, threads: int = 4):
-        self.url, self.stop = url, threading.Event()
-        self.results: list[tuple[float, float, str]] = []  # (sent, answered, model)
-        self.errors: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)
-        ]
-
-    def _run(self, i: int) -> None:
-        client = openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0)
-        while not self.stop.is_set():
-            sent = time.time()
-            try:
-                if i % 2:  # half the clients stream, so swaps land mid-stream too
-                    chunks = list(
-                        client.chat.completions.create(
-                            model="strop", messages=MESSAGES, max_tokens=6, stream=True
-                        )
-                    )
-                    model = chunks[0].model
-                    assert all(c.model == model for c in chunks)
-                else:
-                    model = client.chat.completions.create(
-                        model="strop", messages=MESSAGES, max_tokens=6
-                    ).model
-                self.results.append((sent, time.time(), model))
-            except Exception as e:  # every failure counts, whatever its kind
-                self.errors.append(f"{e.__class__.__name__}: {e}")
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-
-def _wait_served(load: Load, model: str, since: float, timeout: float = 30.0) -> float:
+def _wait_served(load: Traffic, model: str, since: float, timeout: float = 30.0) -> float:
     """Seconds from `since` until a request sent after it was answered by `model`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        hits = [done for sent, done, m in list(load.results) if m == model and sent >= since]
+        hits = [done for sent, done, m, _ in list(load.answered) if m == model and sent >= since]
         if hits:
             return min(hits) - since
         time.sleep(0.02)
@@ -98,7 +54,10 @@ def test_hotswap_promotions_under_load_no_failed_request_and_new_version_served(
     )
     promoted_at: dict[str, float] = {}
     swapped_at: dict[str, float] = {}
-    with ServerThread(settings, tiny_engine) as server, Load(server.url) as load:
+    with (
+        ServerThread(settings, tiny_engine) as server,
+        Traffic(server.url, API_KEY, clients=4, models=["strop"], streams=2) as load,
+    ):
         _wait_served(load, "base", 0)
         for v in VERSIONS:
             _register(registry, swap_root, v)
@@ -115,13 +74,13 @@ def test_hotswap_promotions_under_load_no_failed_request_and_new_version_served(
             time.sleep(0.05)
         loaded = tiny_engine.loaded_adapters()
 
-    assert load.errors == []
-    assert len(load.results) > 20
+    assert load.failed == []
+    assert len(load.answered) > 20
     # a request sent once `strop` moved, and answered before the next promotion, got
     # exactly the promoted version
     bounds = [*[promoted_at[v] for v in VERSIONS[1:]], float("inf")]
     for v, end in zip(VERSIONS, bounds, strict=True):
-        window = [m for sent, done, m in load.results if sent >= swapped_at[v] and done < end]
+        window = [m for sent, done, m, _ in load.answered if sent >= swapped_at[v] and done < end]
         assert window and set(window) == {f"strop@{v}"}, (v, set(window))
     # keep_loaded=1: the promoted version and one before it stay; older ones are unloaded
     assert list(versions.loaded) == ["v13", "v14"]

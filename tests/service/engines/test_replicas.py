@@ -20,7 +20,7 @@ import pytest
 from strop.settings import Settings
 from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
 from tests.service.conftest import ADMIN_KEY, API_KEY
-from tests.service.harness import ServerThread, make_adapter, promote
+from tests.service.harness import ServerThread, Traffic, make_adapter, promote
 from tests.vllm import VLLMServer
 
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
@@ -175,36 +175,6 @@ class ReplicaProcess:
             self.proc.wait(10)
 
 
-class Traffic:
-    """Clients sending `strop` chat requests until stopped; every failure is kept."""
-
-    def __init__(self, url: str, clients: int = 4):
-        self.url, self.stop = url, threading.Event()
-        self.answered = 0
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        client = openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0)
-        while not self.stop.is_set():
-            try:
-                r = client.chat.completions.create(model="strop", messages=MESSAGES, max_tokens=6)
-                assert r.model == "strop@v1", r.model
-                self.answered += 1
-            except Exception as e:  # every failure counts, whatever its kind
-                self.errors.append(f"{e.__class__.__name__}: {e}")
-
-    def __enter__(self) -> "Traffic":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-
 @pytest.mark.slow
 def test_replicas_one_killed_traffic_goes_to_the_other_and_restarted_it_rejoins_with_versions(
     settings, front_settings, redis_client, tmp_path
@@ -221,22 +191,23 @@ def test_replicas_one_killed_traffic_goes_to_the_other_and_restarted_it_rejoins_
             def served() -> list[int]:
                 return [x["served"] for x in _front_health(front)["replicas"]]
 
-            with Traffic(front.url) as traffic:
+            with Traffic(front.url, API_KEY, clients=4, models=["strop"]) as traffic:
                 _wait(lambda: min(served()) >= 3, "both replicas to serve")
                 b.kill()  # mid-traffic: its requests in flight go to a
                 _wait(lambda: not _front_health(front)["replicas"][1]["ok"], "b taken out")
                 at_kill = served()
                 _wait(lambda: served()[0] >= at_kill[0] + 10, "a to take b's share")
                 assert served()[1] == at_kill[1]
-                assert traffic.errors == []
+                assert traffic.failed == []
 
                 b.start()  # same port, no adapters
                 _wait(lambda: _front_health(front)["replicas"][1]["ok"], "b back", timeout=30)
                 assert _adapters_on(b.url) == {"strop-v1"}  # given before it took traffic
                 back = served()[1]
                 _wait(lambda: served()[1] >= back + 3, "b to take traffic again")
-            assert traffic.errors == [], traffic.errors[:3]
-            assert traffic.answered > 20
+            assert traffic.failed == [], traffic.failed[:3]
+            assert len(traffic.answered) > 20
+            assert {m for _, _, m, _ in traffic.answered} == {"strop@v1"}
     finally:
         a.kill()
         b.kill()
@@ -287,12 +258,12 @@ def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
             ids = {m["id"] for m in httpx.get(a.url + "/v1/models").json()["data"]}
             assert "strop-v2" not in ids and "strop-v1" in ids  # a unloaded it again
 
-            with Traffic(front.url, clients=2) as traffic:
-                _wait(lambda: traffic.answered >= 2, "traffic")
+            with Traffic(front.url, API_KEY, clients=2, models=["strop"]) as traffic:
+                _wait(lambda: len(traffic.answered) >= 2, "traffic")
                 b.kill()
-                at_kill = traffic.answered
-                _wait(lambda: traffic.answered >= at_kill + 8, "a to answer alone", 300)
-            assert traffic.errors == [], traffic.errors[:3]
+                at_kill = len(traffic.answered)
+                _wait(lambda: len(traffic.answered) >= at_kill + 8, "a to answer alone", 300)
+            assert traffic.failed == [], traffic.failed[:3]
             assert not _front_health(front)["replicas"][1]["ok"]
     finally:
         b.kill()

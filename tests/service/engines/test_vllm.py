@@ -7,7 +7,6 @@ service in front of it and compares what strop answers with what vLLM answers di
 import contextlib
 import json
 import logging
-import random
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from tests.service.conftest import API_KEY
-from tests.service.harness import ServerThread, make_adapter, promote, wait_for
+from tests.service.harness import ServerThread, Traffic, make_adapter, promote, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -234,58 +233,6 @@ def test_vllm_refusing_a_version_leaves_strop_where_it_was_and_errors_stay_opena
 # --- vLLM going away and coming back ------------------------------------------------------
 
 
-class Traffic:
-    """`clients` threads asking strop for `models` (picked at random) until stopped; every
-    answer's model and latency, and every failure, is kept."""
-
-    def __init__(self, url: str, clients: int, models: list[str], streams: int = 0):
-        self.url, self.models = url, models
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.answered: list[tuple[float, str, bool]] = []  # (time, model, streamed)
-        self.failed: list[tuple[float, float, str]] = []  # (time, seconds taken, error)
-        self.threads = [
-            threading.Thread(target=self._run, args=(i < streams,), daemon=True)
-            for i in range(clients)
-        ]
-
-    def _run(self, stream: bool) -> None:
-        client = openai.OpenAI(
-            base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120
-        )
-        while not self.stop.is_set():
-            t0 = time.time()
-            model = random.choice(self.models)
-            try:
-                if stream:
-                    chunks = list(
-                        client.chat.completions.create(
-                            model=model, messages=MESSAGES, max_tokens=4, stream=True
-                        )
-                    )
-                    assert chunks[-1].choices[0].finish_reason, "the stream ended early"
-                    served = chunks[0].model
-                else:
-                    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
-                    served = r.model
-                with self.lock:
-                    self.answered.append((time.time(), served, stream))
-            except (openai.APIError, AssertionError) as e:
-                with self.lock:
-                    self.failed.append((t0, time.time() - t0, f"{e.__class__.__name__}: {e}"))
-                time.sleep(0.2)
-
-    def __enter__(self) -> "Traffic":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(150)
-
-
 def test_vllm_killed_and_restarted_under_traffic_strop_reports_it_and_serves_again(
     front_settings, vllm, vllm_adapters, redis_client
 ):
@@ -298,7 +245,7 @@ def test_vllm_killed_and_restarted_under_traffic_strop_reports_it_and_serves_aga
             r = httpx.get(front.url + "/health", timeout=10)
             return r.status_code, r.json()
 
-        with Traffic(front.url, clients=4, models=["strop"], streams=2) as traffic:
+        with Traffic(front.url, API_KEY, clients=4, models=["strop"], streams=2) as traffic:
             assert wait_for(lambda: len(traffic.answered) >= 4, 60)
             vllm.kill()
             killed = time.time()
@@ -310,11 +257,11 @@ def test_vllm_killed_and_restarted_under_traffic_strop_reports_it_and_serves_aga
             vllm.start()  # same port, no adapters: strop must give it v1 again by itself
             back = time.time()
             assert health()[0] == 200
-            assert wait_for(lambda: sum(t > back for t, _, _ in traffic.answered) >= 8, 120), (
-                traffic.failed[-3:]
-            )
+            assert wait_for(
+                lambda: sum(sent > back for sent, _, _, _ in traffic.answered) >= 8, 120
+            ), traffic.failed[-3:]
         assert vllm.adapters() == {"strop-v1"}
-        after = [(m, streamed) for t, m, streamed in traffic.answered if t > back]
+        after = [(m, streamed) for sent, _, m, streamed in traffic.answered if sent > back]
         assert {m for m, _ in after} == {"strop@v1"}
         assert {streamed for _, streamed in after} == {True, False}  # streams came back too
         assert not [f for f in traffic.failed if f[0] > back]
@@ -335,7 +282,7 @@ def test_vllm_load_unload_churn_under_16_clients_fails_no_request(
     models = ["strop", "base"] + [f"strop@{v}" for v in VERSIONS]
     with ServerThread(front_settings) as front, AdapterWatch(vllm) as watch:
         assert wait_for(lambda: front.service.versions.promoted == "v1", 30)
-        with Traffic(front.url, clients=16, models=models, streams=4) as traffic:
+        with Traffic(front.url, API_KEY, clients=16, models=models, streams=4) as traffic:
             for version in VERSIONS[1:] + ["v1", "v3"]:
                 promote(redis_client, prefix, vllm_adapters, version)
                 assert wait_for(lambda v=version: front.service.versions.promoted == v, 60)
@@ -343,6 +290,6 @@ def test_vllm_load_unload_churn_under_16_clients_fails_no_request(
         swaps = front.service.versions.swaps
     assert traffic.failed == [], traffic.failed[:3]
     assert len(traffic.answered) >= 32  # two rounds of 16 clients, at the least
-    assert {m for _, m, _ in traffic.answered} >= {f"strop@{v}" for v in VERSIONS}
+    assert {m for _, _, m, _ in traffic.answered} >= {f"strop@{v}" for v in VERSIONS}
     assert swaps == 8
     assert watch.most <= 4
