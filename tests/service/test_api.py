@@ -9,7 +9,7 @@ import pytest
 
 from strop.records import Keys, PromptLogRecord
 from tests.service.conftest import ADMIN_KEY, API_KEY
-from tests.service.harness import ServerThread
+from tests.service.harness import ServerThread, wait_for
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
@@ -28,15 +28,6 @@ def client(server):
 def log_records(redis_client, settings) -> list[PromptLogRecord]:
     entries = redis_client.xrange(Keys(settings.redis_prefix).prompt_log)
     return [PromptLogRecord.model_validate_json(fields["data"]) for _, fields in entries]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # --- answers ----------------------------------------------------------------------------
