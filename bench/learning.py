@@ -33,6 +33,10 @@ Prints a table, writes bench/results/learning.json and bench/results/learning.pn
 
     python bench/learning.py [--minutes 60] [--arms strop,feedback,oracle,trl]
                              [--feedback-share 0.1] [--held-out 48] [--set STROP_NAME=VALUE ...]
+                             [--add-to EARLIER.json]
+
+Four 60-minute arms and their scoring take about 5 hours on 2 cores; `--add-to` joins
+arms run in another sitting (same setup, checked) into one table and plot.
 """
 
 import argparse
@@ -105,6 +109,13 @@ def parse() -> argparse.Namespace:
         "(0: every version; each costs 1-2 minutes on 2 cores)",
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning.json")
+    p.add_argument(
+        "--add-to",
+        type=Path,
+        help="an earlier run's JSON with the same --minutes, --stream, --held-out, --seed and "
+        "--feedback-share: its arms join this run's table and plot (an arm named in --arms is "
+        "run again), so the arms of one comparison may run in different sittings",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -431,7 +442,17 @@ def kl_to_base(env: dict, version: str, held: list[LabeledQuestion], client) -> 
 # --- report ------------------------------------------------------------------------------------
 
 
-def report(results: dict, out: Path, minutes: float) -> None:
+def earlier_arms(path: Path, params: dict, arms: list[str]) -> dict:
+    """The arms of an earlier run that this one does not run again; refuses another setup."""
+    earlier = json.loads(path.read_text())
+    theirs = earlier.get("params", {"minutes": earlier["minutes"]})  # older files: minutes only
+    clash = {k: (v, params[k]) for k, v in theirs.items() if params.get(k) != v}
+    if clash:
+        sys.exit(f"--add-to {path}: another setup (theirs, this run's): {clash}")
+    return {arm: res for arm, res in earlier["arms"].items() if arm not in arms}
+
+
+def report(results: dict, out: Path, params: dict) -> None:
     print(
         "\n| arm | version | status | minutes | pass@1 | maj@8 | flip rate | length | KL to base | label acc. | reward acc. | majority ratio |"
     )
@@ -463,7 +484,8 @@ def report(results: dict, out: Path, minutes: float) -> None:
         json.dumps(
             {
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
-                "minutes": minutes,
+                "minutes": params["minutes"],
+                "params": params,
                 "arms": results,
             },
             indent=2,
@@ -512,8 +534,18 @@ def main() -> None:
         f"feedback arm); held-out: {len(held)}",
         flush=True,
     )
-    results = {}
-    for arm in args.arms.split(","):
+    params = {
+        k: getattr(args, k) for k in ("minutes", "stream", "held_out", "seed", "feedback_share")
+    }
+    arms = args.arms.split(",")
+    results = earlier_arms(args.add_to, params, arms) if args.add_to else {}
+    for arm, res in results.items():
+        ran = res.get("ran", {})
+        print(f"[{arm}] from {args.add_to} (ran {ran.get('at', '?')} at {ran.get('commit', '?')})")
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    for arm in arms:
         work = Path(tempfile.mkdtemp(prefix=f"strop-learning-{arm}-"))
         gold = write_jsonl(stream, work / "stream.jsonl")
         env = {
@@ -543,12 +575,13 @@ def main() -> None:
         res["scored_of"] = len(res["versions"])
         res["versions"] = spaced(res["versions"], args.eval_max)
         res["rows"] = evaluate(env, res, held)
+        res["ran"] = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit}
         results[arm] = res
         r = connect(Settings().redis_url)
         for key in r.scan_iter(env["STROP_REDIS_PREFIX"] + "*"):
             r.delete(key)
         # after every arm, so a long run cut short still leaves the arms it finished
-        report(results, args.out, args.minutes)
+        report(results, args.out, params)
 
 
 if __name__ == "__main__":
