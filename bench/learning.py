@@ -33,10 +33,11 @@ Prints a table, writes bench/results/learning.json and bench/results/learning.pn
 
     python bench/learning.py [--minutes 60] [--arms strop,feedback,oracle,trl]
                              [--feedback-share 0.1] [--held-out 48] [--set STROP_NAME=VALUE ...]
-                             [--add-to EARLIER.json]
+                             [--tag TAG] [--add-to EARLIER.json]
 
 Four 60-minute arms and their scoring take about 5 hours on 2 cores; `--add-to` joins
-arms run in another sitting (same setup, checked) into one table and plot.
+arms run in another sitting (same setup, checked) into one table and plot. A recipe trial
+(`--set ...`) names its arms `ARM+TAG` with `--tag`, so it sits beside the defaults' arms.
 """
 
 import argparse
@@ -122,6 +123,11 @@ def parse() -> argparse.Namespace:
         default=[],
         metavar="STROP_NAME=VALUE",
         help="a setting for every arm instead of the product's default (recipe trials)",
+    )
+    p.add_argument(
+        "--tag",
+        help="name this run's arms ARM+TAG (a recipe trial beside the defaults' arms of "
+        "--add-to); each arm records its --set values",
     )
     return p.parse_args()
 
@@ -538,7 +544,8 @@ def main() -> None:
         k: getattr(args, k) for k in ("minutes", "stream", "held_out", "seed", "feedback_share")
     }
     arms = args.arms.split(",")
-    results = earlier_arms(args.add_to, params, arms) if args.add_to else {}
+    names = [f"{arm}+{args.tag}" if args.tag else arm for arm in arms]
+    results = earlier_arms(args.add_to, params, names) if args.add_to else {}
     for arm, res in results.items():
         ran = res.get("ran", {})
         print(f"[{arm}] from {args.add_to} (ran {ran.get('at', '?')} at {ran.get('commit', '?')})")
@@ -546,6 +553,7 @@ def main() -> None:
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     for arm in arms:
+        name = f"{arm}+{args.tag}" if args.tag else arm
         work = Path(tempfile.mkdtemp(prefix=f"strop-learning-{arm}-"))
         gold = write_jsonl(stream, work / "stream.jsonl")
         env = {
@@ -576,7 +584,8 @@ def main() -> None:
         res["versions"] = spaced(res["versions"], args.eval_max)
         res["rows"] = evaluate(env, res, held)
         res["ran"] = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit}
-        results[arm] = res
+        res["set"] = args.set
+        results[name] = res
         r = connect(Settings().redis_url)
         for key in r.scan_iter(env["STROP_REDIS_PREFIX"] + "*"):
             r.delete(key)

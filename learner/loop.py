@@ -6,7 +6,8 @@ One long-running loop, nanoGPT-style. For each version:
     batch   read `batch_size` records (pairs for DPO, groups for GRPO) from Redis
     step    DPO against the base model (adapter disabled), or GRPO's clipped ratio against
             the behaviour version, with a KL to the base model; in micro-batches if
-            `micro_batch_size` is set (same update, less memory) (learner/steps.py)
+            `micro_batch_size` is set (same update, less memory) (learner/steps.py);
+            GRPO takes `grpo_iterations` steps on each batch
     log     namespaced metrics (`loss/dpo`, `reward/mean`, ...) every step
     save    after `steps_per_version` steps: write `adapter_dir/vN` atomically, register
             it, and only then acknowledge the records it consumed (learner/lifecycle.py);
@@ -153,20 +154,24 @@ class Learner:
             # --- step ---
             t_step = time.perf_counter()
             self.policy.model.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            metrics = steps.backward(self.policy, records, a)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.policy.trainable_parameters(), a.max_grad_norm
-            )
-            self._pause("step")
-            self.optimizer.step()
+            # sampling is what costs; GRPO's clipped ratio lets a batch be used mu times
+            iterations = a.grpo_iterations if a.algorithm == "grpo" else 1
+            for _ in range(iterations):
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics = steps.backward(self.policy, records, a)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.policy.trainable_parameters(), a.max_grad_norm
+                )
+                self._pause("step")
+                self.optimizer.step()
+                metrics["grad/norm"] = grad_norm.item()
+                for k, v in metrics.items():
+                    history[k].append(v)
             consumed += ids
             # --- log ---
-            metrics["grad/norm"] = grad_norm.item()
             metrics["time/step_s"] = time.perf_counter() - t_step
-            for k, v in metrics.items():
-                history[k].append(v)
-            self._observe_step(metrics, len(ids))
+            history["time/step_s"].append(metrics["time/step_s"])
+            self._observe_step(metrics, len(ids), iterations)
             shown = " | ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if k.split("/")[0] in SHOWN
             )
@@ -326,9 +331,9 @@ class Learner:
             a.rollback_min_samples,
         )
 
-    def _observe_step(self, metrics: dict[str, float], records: int) -> None:
+    def _observe_step(self, metrics: dict[str, float], records: int, n_steps: int) -> None:
         m = self.metrics
-        m.steps.inc()
+        m.steps.inc(n_steps)
         m.records.inc(records)
         m.step_seconds.observe(metrics["time/step_s"])
         m.grad_norm.set(metrics["grad/norm"])

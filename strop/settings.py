@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     """GRPO clip range of the importance ratio against the behaviour policy (1 +- clip)."""
     grpo_kl_coef: float = 0.04
     """GRPO weight of the KL to the reference."""
+    grpo_iterations: int = Field(default=1, ge=1)
+    """Optimizer steps on each GRPO batch (the GRPO paper's mu, TRL's num_iterations): the
+    clipped ratio to the sampling version keeps the repeated steps near it."""
     max_staleness: int = 2
     """GRPO groups sampled more than this many versions before the one trained on are
     dropped (and counted)."""

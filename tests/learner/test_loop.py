@@ -150,6 +150,26 @@ def test_learner_grpo_on_policy_group_ratio_is_exactly_one(make_learner, tiny_mo
     assert m["policy/clip_fraction"] == 0.0
 
 
+def test_learner_grpo_iterations_step_each_batch_mu_times(make_learner, tiny_model_dir):
+    # With mu = 3 the first step on an on-policy group has ratio 1; the next two start from
+    # weights that already moved, so the ratio to the sampling version leaves 1.
+    learner = make_learner(algorithm="grpo", batch_size=1, grpo_iterations=3)
+    make_adapter(learner.store.path("v1"), tiny_model_dir, seed=1, scale=0.5)
+    learner.registry.add(AdapterVersion(version="v1", parent="base", path="x"))
+    learner.registry.promote("v1")
+    learner.r.xadd(learner.keys.groups, group(5, "v1").to_stream())
+    learner.start()
+
+    learner.run(max_versions=1)
+
+    meta = learner.store.read("v2")
+    assert meta.hyperparameters["grpo_iterations"] == 3
+    assert meta.train_metrics["data/records"] == 1.0  # one group, used three times
+    # the mean over the 3 steps: 1 for the first, off 1 for the others
+    assert meta.train_metrics["policy/ratio_max"] > 1.0 + 1e-4
+    assert meta.train_metrics["policy/ratio_min"] < 1.0 - 1e-4
+
+
 def _written(learner, g: ScoredGroup, n: int) -> None:
     """`n` copies of group `g` written as the worker writes them: to the groups stream, and
     their rewards to the live-reward series the rollback check reads."""
