@@ -132,17 +132,21 @@ def test_learner_grpo_stale_and_unknown_groups_dropped_and_acked(make_learner, t
     assert stale not in sum(meta.consumed.values(), []) and unknown not in fresh
 
 
-def test_learner_grpo_on_policy_group_ratio_is_exactly_one(make_learner, tiny_model_dir):
-    # The behaviour log-probs are recomputed under the group's version: for a group the
-    # parent itself sampled, the first step's importance ratio is 1 on every token.
-    learner = make_learner(algorithm="grpo", batch_size=1)
-    make_adapter(learner.store.path("v1"), tiny_model_dir, seed=1, scale=0.5)
+def _train_on_a_group_v1_sampled(learner, model_dir) -> None:
+    """Promote an adapter v1, give the learner one group v1 sampled, train v2 on it."""
+    make_adapter(learner.store.path("v1"), model_dir, seed=1, scale=0.5)
     learner.registry.add(AdapterVersion(version="v1", parent="base", path="x"))
     learner.registry.promote("v1")
     learner.r.xadd(learner.keys.groups, group(5, "v1").to_stream())
     learner.start()
-
     learner.run(max_versions=1)
+
+
+def test_learner_grpo_on_policy_group_ratio_is_exactly_one(make_learner, tiny_model_dir):
+    # The behaviour log-probs are recomputed under the group's version: for a group the
+    # parent itself sampled, the first step's importance ratio is 1 on every token.
+    learner = make_learner(algorithm="grpo", batch_size=1)
+    _train_on_a_group_v1_sampled(learner, tiny_model_dir)
 
     m = learner.store.read("v2").train_metrics
     assert m["policy/ratio_min"] == pytest.approx(1.0, abs=1e-5)
@@ -154,13 +158,7 @@ def test_learner_grpo_iterations_step_each_batch_mu_times(make_learner, tiny_mod
     # With mu = 3 the first step on an on-policy group has ratio 1; the next two start from
     # weights that already moved, so the ratio to the sampling version leaves 1.
     learner = make_learner(algorithm="grpo", batch_size=1, grpo_iterations=3)
-    make_adapter(learner.store.path("v1"), tiny_model_dir, seed=1, scale=0.5)
-    learner.registry.add(AdapterVersion(version="v1", parent="base", path="x"))
-    learner.registry.promote("v1")
-    learner.r.xadd(learner.keys.groups, group(5, "v1").to_stream())
-    learner.start()
-
-    learner.run(max_versions=1)
+    _train_on_a_group_v1_sampled(learner, tiny_model_dir)
 
     meta = learner.store.read("v2")
     assert meta.hyperparameters["grpo_iterations"] == 3
