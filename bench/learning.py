@@ -552,8 +552,7 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    for arm in arms:
-        name = f"{arm}+{args.tag}" if args.tag else arm
+    for arm, name in zip(arms, names, strict=True):
         work = Path(tempfile.mkdtemp(prefix=f"strop-learning-{arm}-"))
         gold = write_jsonl(stream, work / "stream.jsonl")
         env = {
