@@ -194,9 +194,14 @@ class Replicas:
                 else:
                     refused = refused or (r, err)
             if refused or not loaded:
-                await asyncio.gather(
+                undone = await asyncio.gather(
                     *(r.engine.unload_adapter(name) for r in loaded), return_exceptions=True
                 )
+                for r, res in zip(loaded, undone, strict=True):
+                    if res is not None:
+                        # It would serve an adapter the others lack: out of rotation until
+                        # _rejoin makes it hold exactly ours.
+                        self._take_out(r, f"could not unload {name} again: {res}")
                 if refused:
                     r, err = refused
                     raise EngineError(f"replica {r.engine.url} refused {name}: {err}") from err

@@ -5,6 +5,7 @@ as `strop serve` processes so that one can be SIGKILLed and started again on its
 last test runs two real vLLM servers: the session's and one of its own.
 """
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -17,6 +18,8 @@ import httpx
 import openai
 import pytest
 
+from service.engines.base import EngineError
+from service.engines.replicas import Replicas
 from strop.settings import Settings
 from tests.conftest import MODEL_CACHE, REDIS_URL, free_port
 from tests.service.conftest import ADMIN_KEY, API_KEY
@@ -240,8 +243,7 @@ def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
             promote(redis_client, settings.redis_prefix, root, "v1")
             _wait(lambda: front.service.versions.promoted == "v1", "strop to serve v1")
             for vllm in (a, b):
-                ids = {m["id"] for m in httpx.get(vllm.url + "/v1/models").json()["data"]}
-                assert "strop-v1" in ids
+                assert "strop-v1" in _adapters_on(vllm.url)
             for _ in range(4):
                 r = fc.chat.completions.create(model="strop", messages=MESSAGES, max_tokens=4)
                 assert r.model == "strop@v1"
@@ -255,8 +257,10 @@ def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
             )
             assert f"replica {b.url} refused strop-v2" in caplog.text
             assert front.service.versions.promoted == "v1"
-            ids = {m["id"] for m in httpx.get(a.url + "/v1/models").json()["data"]}
-            assert "strop-v2" not in ids and "strop-v1" in ids  # a unloaded it again
+            # a unloads it again: at once, or when it rejoins if that unload failed
+            _wait(lambda: "strop-v2" not in _adapters_on(a.url), "a to drop strop-v2", 120)
+            assert "strop-v1" in _adapters_on(a.url)
+            _wait(lambda: _front_health(front)["replicas"][0]["ok"], "a in rotation", 120)
 
             with Traffic(front.url, API_KEY, clients=2, models=["strop"]) as traffic:
                 _wait(lambda: len(traffic.answered) >= 2, "traffic")
@@ -267,3 +271,41 @@ def test_replicas_two_real_vllm_servers_load_refuse_and_lose_one(
             assert not _front_health(front)["replicas"][1]["ok"]
     finally:
         b.kill()
+
+
+class _StubReplica:
+    """Stands in for a vLLM replica that loads an adapter but then fails to unload it: a
+    failure that no real server here can be made to show on cue (a mock, named as such)."""
+
+    def __init__(self, url: str, refuse_load: bool = False):
+        self.url, self.refuse_load, self.refuse_unload = url, refuse_load, True
+        self.held: set[str] = set()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self.refuse_load:
+            raise EngineError(f"{self.url} refuses {name}")
+        self.held.add(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.refuse_unload:
+            raise EngineError(f"{self.url} cannot unload {name} now")
+        self.held.discard(name)
+
+    def loaded_adapters(self) -> list[str]:
+        return sorted(self.held)
+
+
+def test_replicas_one_that_cannot_unload_after_a_refusal_leaves_rotation_until_it_rejoins():
+    a, b = _StubReplica("http://a"), _StubReplica("http://b", refuse_load=True)
+    replicas = Replicas([a, b])  # type: ignore[list-item]
+    for r in replicas.replicas:
+        r.up = True
+
+    with pytest.raises(EngineError, match="refused strop-v2"):
+        asyncio.run(replicas.load_adapter("strop-v2", "/adapters/v2"))
+    # a still holds strop-v2, which b lacks: it must not serve until it holds ours only
+    assert a.held == {"strop-v2"} and [r.up for r in replicas.replicas] == [False, True]
+
+    a.refuse_unload = False
+    asyncio.run(replicas._rejoin(replicas.replicas[0]))
+    assert a.held == set() and replicas.replicas[0].up
