@@ -108,6 +108,7 @@ def test_chat_long_prompt_is_read_off_the_event_loop_others_are_served(server):
     gaps: list[float] = []
     with httpx.Client(base_url=server.url, timeout=60) as probe:
         probe.get("/health")
+        started = time.perf_counter()
         sender.start()
         while sender.is_alive():
             t = time.perf_counter()
@@ -115,9 +116,15 @@ def test_chat_long_prompt_is_read_off_the_event_loop_others_are_served(server):
             gaps.append(time.perf_counter() - t)
             time.sleep(0.02)
     sender.join()
+    took = time.perf_counter() - started
     assert answer["r"].status_code == 400
     assert answer["r"].json()["error"]["code"] == "context_length_exceeded"
-    assert len(gaps) >= 3 and max(gaps) < 1.0, f"health probes waited up to {max(gaps):.2f} s"
+    # A blocked loop makes one probe wait for most of the render; on a loaded machine the
+    # render's thread still slows every probe a little, so the bound grows with it.
+    bound = max(1.0, took / 2)
+    assert len(gaps) >= 3 and max(gaps) < bound, (
+        f"health probes waited up to {max(gaps):.2f} s of the render's {took:.2f} s"
+    )
 
 
 # --- the engine's queue (4) -------------------------------------------------------------
