@@ -26,7 +26,8 @@ pinned to the version through a `strop serve` on the arm's adapters), the flip r
 now), mean answer length, and KL to base (on base's greedy held-out answers). For the
 loop arms (all but trl), the worker's own monitoring of the groups each version sampled:
 label accuracy and reward accuracy (the stream is also the worker's probe file: gold
-answers for monitoring only, never a reward) and majority ratio.
+answers for monitoring only, never a reward) and majority ratio, over every group sampled
+and again over the groups written for training (`trained_*`).
 
 Prints a table, writes bench/results/learning.json and bench/results/learning.png
 (held-out pass@1 against minutes, per arm).
@@ -86,6 +87,10 @@ from strop.versions import pinned_model  # noqa: E402
 SAMPLES = 8  # held-out samples per question: pass@1 is their mean, maj@8 their vote
 EVAL_TOKENS = 64
 BACKLOG = 4  # prompts waiting for the worker before the feeder holds back
+# the worker's series per version: every group sampled, then the groups trained on
+MONITORED = ("label_accuracy", "reward_accuracy", "majority_ratio") + tuple(
+    f"trained_{m}" for m in ("label_accuracy", "reward_accuracy", "majority_ratio")
+)
 
 
 def parse() -> argparse.Namespace:
@@ -212,7 +217,7 @@ def run_loop_arm(
             metric: {
                 v: _mean(points) for v, points in read_series(r, keys, metric, since=start).items()
             }
-            for metric in ("label_accuracy", "reward_accuracy", "majority_ratio")
+            for metric in MONITORED
         }
         return {
             "start": start,
@@ -460,9 +465,10 @@ def earlier_arms(path: Path, params: dict, arms: list[str]) -> dict:
 
 def report(results: dict, out: Path, params: dict) -> None:
     print(
-        "\n| arm | version | status | minutes | pass@1 | maj@8 | flip rate | length | KL to base | label acc. | reward acc. | majority ratio |"
+        "\n| arm | version | status | minutes | pass@1 | maj@8 | flip rate | length | KL to base"
+        " | label acc. | reward acc. | majority ratio | trained: label acc. | reward acc. | majority |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for arm, res in results.items():
         mon = res.get("monitoring", {})
         for row in res["rows"]:
@@ -477,9 +483,7 @@ def report(results: dict, out: Path, params: dict) -> None:
                 _f(row.get("flip_rate")),
                 f"{row['length']:.1f}",
                 _f(row.get("kl_to_base"), ".2e"),
-                _f(mon.get("label_accuracy", {}).get(v)),
-                _f(mon.get("reward_accuracy", {}).get(v)),
-                _f(mon.get("majority_ratio", {}).get(v)),
+                *(_f(mon.get(metric, {}).get(v)) for metric in MONITORED),
             ]
             print("| " + " | ".join(cells) + " |")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,8 @@ the one that sampled the group for build metrics):
   answer_entropy (per voted group: entropy of its answers' vote, 0 = all agree, 1 = all
   differ): the collapse detector's signals; feedback_agreement (per group with both a
   vote and a user's answer: 1 if the majority label is the user's answer, a live label
-  accuracy).
+  accuracy); trained_majority_ratio, trained_label_accuracy, trained_reward_accuracy
+  (the same, for the groups written for training with the vote's label only).
 """
 
 import time
@@ -51,6 +52,9 @@ VALUE_METRICS = (
     "answer_length",
     "answer_entropy",
     "feedback_agreement",
+    "trained_majority_ratio",
+    "trained_label_accuracy",
+    "trained_reward_accuracy",
 )
 
 

@@ -157,9 +157,10 @@ def build_group(
         return dead_letter(ctx, log_id, reason, f"{e.status_code}: {e.message}", record.version)
     version = samples.version
     # monitoring only, after the rewards are final: the gold answers never reach them
-    obs = list(scored.obs) + probe_obs(
+    probed = probe_obs(
         ctx.probes, record.messages, list(scored.answers), scored.vote, scored.vote_rewards, version
     )
+    obs = list(scored.obs) + probed
     obs.append(Obs("answer_length", samples.version, mean_length(samples)))
     trust: list[str] = []
     if fb is not None:
@@ -194,6 +195,15 @@ def build_group(
     else:
         if group is not None:
             obs.append(Obs("built", version, label=method))
+            if fb is None:
+                # the same signals again, for the groups the vote labelled and training
+                # sees: the unprefixed ones count every sampled group, dropped or not
+                watched = {"majority_ratio", "label_accuracy", "reward_accuracy"}
+                obs += [
+                    Obs(f"trained_{o.metric}", o.version, o.value, o.count)
+                    for o in list(scored.obs) + probed
+                    if o.metric in watched
+                ]
             # live reward (strop.series.live_reward): the written groups' rewards only, so
             # the dashboard and the rollback see what training sees
             obs.append(Obs("reward", version, sum(rewards), len(rewards)))

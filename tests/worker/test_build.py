@@ -102,6 +102,7 @@ def test_build_group_dropped_adds_no_live_reward_built_adds_its_rewards(ctx, wor
     assert sum(pt.count for pt in read_series(r, keys, "majority_ratio")["base"]) == 1
     assert sum(pt.count for pt in read_series(r, keys, "extraction_rate")["base"]) == 1
     assert sum(pt.count for pt in read_series(r, keys, "dropped")["base"]) == 1
+    assert read_series(r, keys, "trained_majority_ratio") == {}  # not trained on
 
     for i in range(3):  # nine coin flips all agree (no signal) with p = 2/512
         log_id = r.xadd(keys.prompt_log, log_record(f"Keep me {i}: 1 or 2?"))
@@ -115,6 +116,9 @@ def test_build_group_dropped_adds_no_live_reward_built_adds_its_rewards(ctx, wor
     assert sum(pt.count for pt in live["base"]) == len(g.rewards) == 9
     assert sum(pt.sum for pt in live["base"]) == sum(g.rewards)
     assert ctx.metrics.registry.get_sample_value("strop_worker_reward_count", reward_count) == 1
+    # the trained-on series count the built group only, with its own majority ratio
+    (trained,) = read_series(r, keys, "trained_majority_ratio")["base"]
+    assert (trained.count, trained.sum) == (1, pytest.approx(g.majority_ratio))
 
 
 def test_build_auto_gibberish_uses_judge_and_drops_unscored(settings, tiny_engine, r):

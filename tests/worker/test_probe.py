@@ -71,6 +71,11 @@ def test_probe_build_records_accuracy_and_rewards_follow_the_vote(worker_setting
     # with answers 1 and 2 only, the vote is right about every sample or about none
     right = label_acc[-1].sum == 1.0
     assert reward_acc[-1].sum == (1.0 if right else 0.0)
+    # the trained-on label accuracy counts this prompt only if its group was written
+    trained = read_series(r, c.keys, "trained_label_accuracy").get("base", [])
+    assert [(pt.sum, pt.count) for pt in trained] == (
+        [(label_acc[-1].sum, 1)] if outcome == "built" else []
+    )
     if outcome == "built":
         (g,) = [ScoredGroup.from_stream(f) for _, f in r.xrange(c.keys.groups)]
         # the rewards are the vote's, even where gold disagrees with it
