@@ -79,7 +79,7 @@ from strop.headers import INTERNAL  # noqa: E402
 from strop.labeled import LabeledQuestion, write_jsonl  # noqa: E402
 from strop.records import Keys  # noqa: E402
 from strop.registry import Registry  # noqa: E402
-from strop.series import read_series  # noqa: E402
+from strop.series import TRAINED_METRICS, read_series  # noqa: E402
 from strop.settings import Settings  # noqa: E402
 from strop.snapshot import queues  # noqa: E402
 from strop.versions import pinned_model  # noqa: E402
@@ -88,9 +88,7 @@ SAMPLES = 8  # held-out samples per question: pass@1 is their mean, maj@8 their 
 EVAL_TOKENS = 64
 BACKLOG = 4  # prompts waiting for the worker before the feeder holds back
 # the worker's series per version: every group sampled, then the groups trained on
-MONITORED = ("label_accuracy", "reward_accuracy", "majority_ratio") + tuple(
-    f"trained_{m}" for m in ("label_accuracy", "reward_accuracy", "majority_ratio")
-)
+MONITORED = TRAINED_METRICS + tuple(f"trained_{m}" for m in TRAINED_METRICS)
 
 
 def parse() -> argparse.Namespace:

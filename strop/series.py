@@ -52,10 +52,10 @@ VALUE_METRICS = (
     "answer_length",
     "answer_entropy",
     "feedback_agreement",
-    "trained_majority_ratio",
-    "trained_label_accuracy",
-    "trained_reward_accuracy",
 )
+# written again as trained_{metric} for the groups the vote labelled and the worker wrote
+TRAINED_METRICS = ("label_accuracy", "reward_accuracy", "majority_ratio")
+VALUE_METRICS += tuple(f"trained_{m}" for m in TRAINED_METRICS)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from judge import (
 from strop.feedback_trust import is_flagged, trust_field
 from strop.queues import dead_letter_key
 from strop.records import PreferencePair, PromptLogRecord, ScoredGroup
-from strop.series import Obs, write_series
+from strop.series import TRAINED_METRICS, Obs, write_series
 from strop.settings import Settings
 from strop.versions import version_of_model
 from worker.context import WorkerContext
@@ -157,10 +157,9 @@ def build_group(
         return dead_letter(ctx, log_id, reason, f"{e.status_code}: {e.message}", record.version)
     version = samples.version
     # monitoring only, after the rewards are final: the gold answers never reach them
-    probed = probe_obs(
+    obs = list(scored.obs) + probe_obs(
         ctx.probes, record.messages, list(scored.answers), scored.vote, scored.vote_rewards, version
     )
-    obs = list(scored.obs) + probed
     obs.append(Obs("answer_length", samples.version, mean_length(samples)))
     trust: list[str] = []
     if fb is not None:
@@ -198,11 +197,10 @@ def build_group(
             if fb is None:
                 # the same signals again, for the groups the vote labelled and training
                 # sees: the unprefixed ones count every sampled group, dropped or not
-                watched = {"majority_ratio", "label_accuracy", "reward_accuracy"}
                 obs += [
                     Obs(f"trained_{o.metric}", o.version, o.value, o.count)
-                    for o in list(scored.obs) + probed
-                    if o.metric in watched
+                    for o in obs
+                    if o.metric in TRAINED_METRICS
                 ]
             # live reward (strop.series.live_reward): the written groups' rewards only, so
             # the dashboard and the rollback see what training sees
