@@ -64,14 +64,7 @@ sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/learner.py must not hi
 import openai  # noqa: E402
 from gate import free_port, wait_healthy  # noqa: E402  (the gate bench's: one way)
 
-from judge import (  # noqa: E402
-    consistent_rewards,
-    extract_answer,
-    extract_answers,
-    majority_vote,
-    same_answer,
-    vote_answers,
-)
+from judge import extract_answer, extract_answers, majority_vote, same_answer  # noqa: E402
 from ops.demo import FeedbackSender  # noqa: E402
 from ops.questions import make_learning_set  # noqa: E402
 from strop.connection import connect  # noqa: E402
@@ -83,6 +76,7 @@ from strop.series import TRAINED_METRICS, read_series  # noqa: E402
 from strop.settings import Settings  # noqa: E402
 from strop.snapshot import queues  # noqa: E402
 from strop.versions import pinned_model  # noqa: E402
+from worker.build import Samples, score_ttrl  # noqa: E402
 
 SAMPLES = 8  # held-out samples per question: pass@1 is their mean, maj@8 their vote
 EVAL_TOKENS = 64
@@ -262,17 +256,22 @@ def run_trl_arm(env: dict, stream: list[LabeledQuestion], minutes: float, save_m
     group = s.n_train  # completions per prompt, as strop trains on
 
     def majority_reward(prompts, completions, **_) -> list[float]:
-        # strop's own reward (worker/build.py score_ttrl), group by group: TRL hands the
+        # strop's own reward and drop rule (worker/build.py), group by group: TRL hands the
         # batch's completions in groups of `num_generations` per prompt
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
         rewards: list[float] = []
         for i in range(0, len(texts), group):
             chunk, prompt = texts[i : i + group], prompts[i]
             prompt = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-            finals = extract_answers(chunk)
-            vote = majority_vote(vote_answers(chunk, prompt, finals))
-            trusted = vote.label is not None and not vote.tie and vote.ratio >= s.min_majority_ratio
-            rewards += consistent_rewards(vote, finals) if trusted else [0.0] * len(chunk)
+            scored = score_ttrl(
+                Samples("trl", "trl", tuple(chunk), tuple(() for _ in chunk)),
+                extract_answers(chunk),
+                len(chunk),
+                s.min_majority_ratio,
+                prompt,
+                s.min_verified_votes,
+            )
+            rewards += list(scored.rewards) if scored.drop is None else [0.0] * len(chunk)
         return rewards
 
     start = time.time()

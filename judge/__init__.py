@@ -4,7 +4,13 @@ Pure functions: no I/O and no settings (values are passed in as arguments).
 """
 
 from judge.auto import choose_method, extraction_rate
-from judge.equation import consistent_rewards, stated_result, vote_answers
+from judge.equation import (
+    consistent_rewards,
+    stated_equation,
+    stated_result,
+    verified,
+    vote_answers,
+)
 from judge.extract import extract_answer, extract_answers
 from judge.llm_score import JUDGE_TEMPLATE, judge_messages, judge_rewards, mean_score, parse_score
 from judge.pairs import Pair, select_pair
@@ -27,7 +33,9 @@ __all__ = [
     "parse_score",
     "same_answer",
     "select_pair",
+    "stated_equation",
     "stated_result",
     "ttrl_rewards",
+    "verified",
     "vote_answers",
 ]

@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     """Length limit of the worker's sampled answers."""
     min_majority_ratio: float = 0.25
     """Groups whose majority answer has a smaller share are dropped (weak majority)."""
+    min_verified_votes: int = Field(default=1, ge=1)
+    """Votes a label needs when it is a checked stated result (an equation over the
+    question's numbers that holds, judge/equation.py), instead of min_majority_ratio."""
     pair_min_margin: float = 0.5
     """Smallest reward gap between chosen and rejected."""
     length_tolerance: float = 0.25

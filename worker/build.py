@@ -49,6 +49,7 @@ from judge import (
     majority_vote,
     same_answer,
     select_pair,
+    verified,
     vote_answers,
 )
 from strop.feedback_trust import is_flagged, trust_field
@@ -317,7 +318,12 @@ def score(
     )
     if method == "ttrl":
         return score_ttrl(
-            samples, answers, s.n_train, s.min_majority_ratio, last_user_text(messages)
+            samples,
+            answers,
+            s.n_train,
+            s.min_majority_ratio,
+            last_user_text(messages),
+            s.min_verified_votes,
         )
     if method == "gold":
         return score_gold(samples, answers, ctx.gold.get(probe_key(messages)), s.n_train)
@@ -357,14 +363,21 @@ def score_ttrl(
     n_train: int,
     min_majority_ratio: float,
     prompt: str = "",
+    min_verified_votes: int = 1,
 ) -> Scored:
-    """Majority vote over all N answers (their stated results where the group states any:
-    judge/equation.py); the first G are kept, rewarded where they agree with the label
-    and end on it."""
+    """Majority vote over all N answers (their checked stated results where the group
+    states any: judge/equation.py); the first G are kept, rewarded where they end on the
+    label by working that holds. A label from checked results needs `min_verified_votes`
+    votes, any other `min_majority_ratio` of the N."""
     v = samples.version
     vote = majority_vote(vote_answers(samples.texts, prompt, answers))
+    strong = (
+        vote.majority_count >= min_verified_votes
+        if verified(samples.texts, prompt)
+        else vote.ratio >= min_majority_ratio
+    )
     g = min(n_train, len(answers))
-    all_rewards = tuple(consistent_rewards(vote, answers))
+    all_rewards = tuple(consistent_rewards(vote, answers, samples.texts, prompt))
     rewards = all_rewards[:g]
     obs = [Obs("extraction_rate", v, extraction_rate(answers))]
     if vote.label is not None:
@@ -372,7 +385,7 @@ def score_ttrl(
         obs.append(Obs("answer_entropy", v, answer_entropy(vote)))
     if vote.label is None:
         drop = "no_answer"
-    elif vote.ratio < min_majority_ratio:
+    elif not strong:
         drop = "weak_majority"
     elif vote.tie:  # the label would be a coin flip between equally voted answers
         drop = "tie"

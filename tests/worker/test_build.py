@@ -16,7 +16,7 @@ from tests.service.conftest import API_KEY
 from tests.service.harness import ServerThread
 from tests.worker.conftest import WORKER, log_record, wait_until
 from worker.app import create_app
-from worker.build import Samples, build_group, commit, group_id, score_gold
+from worker.build import Samples, build_group, commit, group_id, score_gold, score_ttrl
 from worker.context import make_context, release_contexts
 
 
@@ -196,3 +196,37 @@ def test_score_gold_unknown_prompt_dropped_unscored_all_right_no_signal():
     answers = extract_answers(["12", "12"])
     assert score_gold(samples, answers, gold=None, n_train=2).drop == "unscored"
     assert score_gold(samples, answers, gold="12", n_train=2).drop == "no_signal"
+
+
+def test_score_ttrl_one_true_equation_labels_a_group_a_lone_final_answer_does_not():
+    prompt = "16 + 4 = ?"  # replies SmolLM2-135M gave (bench samples, T=1), shortened
+    texts = (
+        "16 + 4 = 18. So the answer is 18.",  # its own working is false: no vote, no reward
+        "The sum is 16 + 4 = 20.",
+        "16 + 4 = 10",
+        "We add them up: 4",
+        "The answer is 20.",  # no working, ends on the label: rewarded
+        "16 × 4 = 64 is a product.",  # true, but alone against 20's one vote: a tie
+        "I think 16",
+        "Adding gives 6.",
+    )
+    samples = Samples("base", "base", texts, ((),) * len(texts))
+    answers = extract_answers(list(texts))
+
+    tied = score_ttrl(samples, answers, 8, 0.25, prompt, min_verified_votes=1)
+    assert tied.drop == "tie"
+
+    texts = texts[:5] + ("16 plus 4 makes 16 + 4 = 20",) + texts[6:]
+    samples = Samples("base", "base", texts, ((),) * len(texts))
+    answers = extract_answers(list(texts))
+    scored = score_ttrl(samples, answers, 8, 0.25, prompt, min_verified_votes=1)
+    assert scored.drop is None and scored.vote.label == "20"
+    assert scored.rewards == (0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+    strict = score_ttrl(samples, answers, 8, 0.25, prompt, min_verified_votes=3)
+    assert strict.drop == "weak_majority"
+
+    # no equation anywhere: the final answers vote, and one vote of 8 is under the bar
+    facts = ("The answer is Paris.",) + ("I am not sure.",) * 7
+    samples = Samples("base", "base", facts, ((),) * len(facts))
+    weak = score_ttrl(samples, extract_answers(list(facts)), 8, 0.25, "Capital of France?")
+    assert weak.drop == "weak_majority"
