@@ -175,16 +175,25 @@ class Settings(BaseSettings):
     """Records (pairs or groups) per training batch."""
     steps_per_version: int = 8
     """Optimizer steps before a new version is written."""
-    learning_rate: float = 2e-4
+    learning_rate: float = 4e-4
     """AdamW learning rate of the LoRA weights."""
     lora_rank: int = 8
     """LoRA rank r of a new adapter (a promoted adapter keeps its own)."""
     lora_alpha: int = 16
     """LoRA alpha (scale = alpha / r)."""
     lora_target_modules: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
-    """Comma-separated module names LoRA adapts."""
+    """Comma-separated module names LoRA adapts: attention and MLP, where a small model
+    keeps its arithmetic (bench/README.md, "Learning")."""
     dpo_beta: float = 0.1
     """DPO beta: strength of the pull towards the reference (the base model)."""
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
