@@ -21,7 +21,7 @@ import operator
 import re
 from collections.abc import Sequence
 
-from judge.vote import VoteResult, same_answer
+from judge.vote import same_answer
 
 _NUM = r"-?\d+(?:\.\d+)?"
 _OP = r"[-+×x*/÷]"
@@ -84,28 +84,27 @@ def verified(texts: Sequence[str], prompt: str) -> bool:
 
 
 def consistent_rewards(
-    vote: VoteResult, answers: Sequence[str | None], texts: Sequence[str], prompt: str
+    label: str | None, answers: Sequence[str | None], texts: Sequence[str], prompt: str
 ) -> list[float]:
-    """1.0 for a sample whose final answer is the label and whose working (if it states an
+    """1.0 for a sample whose final answer is `label` (the vote's, or a user's) and whose working (if it states an
     equation over the prompt's numbers) holds; else 0.0. A reply that states the result and
     then ends on another number would teach the model to bury its answer (a reader, and
     the extractor, take the last one); a reply that reaches the label through a false
     equation would teach it the false step.
 
     Example:
-        >>> from judge.vote import majority_vote
         >>> p = "What is 9 + 4?"
         >>> texts = ["9 + 4 = 13, so 13.", "9 + 4 = 12, so 13.", "13", "9 + 4 = 13, or 7"]
-        >>> consistent_rewards(majority_vote(["13", None, "13", "13"]), ["13", "13", "13", "7"], texts, p)
+        >>> consistent_rewards("13", ["13", "13", "13", "7"], texts, p)
         [1.0, 0.0, 1.0, 0.0]
     """
-    if vote.label is None:
+    if label is None:
         return [0.0] * len(answers)
     rewards = []
     for a, text in zip(answers, texts, strict=True):
         stated = stated_equation(text, prompt)
         holds = stated is None or stated[1]
-        rewards.append(1.0 if holds and a is not None and same_answer(a, vote.label) else 0.0)
+        rewards.append(1.0 if holds and a is not None and same_answer(a, label) else 0.0)
     return rewards
 
 

@@ -185,14 +185,12 @@ def canary_accuracy(
 
 def vote_labels(prompts: Sequence[str], samples: Sequence[Sequence[str]]) -> list[str | None]:
     """The parent's majority answer to each prompt (TTRL's pseudo-label), voted from its
-    sampled answers `samples` as the worker votes (stated results where the group states
-    any, judge/equation.py, else extracted final answers); None where the vote says
+    sampled answers `samples` as the worker votes (stated results that hold where the group
+    states any, judge/equation.py, else extracted final answers); None where the vote says
     nothing: the worker would not vote there (too few answers carry one,
     `judge.choose_method`), the top answers tie, or fewer than 2 samples agree. (Not the
-    worker's `min_majority_ratio`: a label here only has to be the parent's likeliest
-    answer, and both sides are measured against the same labels; with SmolLM2-135M the
-    label of a prompt with at least 2 agreeing samples out of 8 is right for 82% of
-    prompts, judge/equation.py.)"""
+    worker's bars: a label here only has to be the parent's likeliest answer, and both
+    sides are measured against the same labels.)"""
     from judge import choose_method, extract_answers, majority_vote, vote_answers
 
     labels: list[str | None] = []
@@ -210,7 +208,7 @@ def agrees(
     prompts: Sequence[str], labels: Sequence[str | None], answers: Sequence[str]
 ) -> list[bool]:
     """For each prompt with a label, whether the answer to it votes for the label (its
-    stated result if it states one, else its extracted final answer)."""
+    stated result if it states one that holds, else its extracted final answer)."""
     from judge import extract_answer, same_answer, vote_answers
 
     out = []

@@ -377,7 +377,7 @@ def score_ttrl(
         else vote.ratio >= min_majority_ratio
     )
     g = min(n_train, len(answers))
-    all_rewards = tuple(consistent_rewards(vote, answers, samples.texts, prompt))
+    all_rewards = tuple(consistent_rewards(vote.label, answers, samples.texts, prompt))
     rewards = all_rewards[:g]
     obs = [Obs("extraction_rate", v, extraction_rate(answers))]
     if vote.label is not None:

@@ -1,8 +1,8 @@
 """User feedback as reward: what a caller said of one of its completions (`FeedbackRecord`,
 POST /v1/strop/feedback) shapes the group and pair built from that prompt.
 
-- `answer`: the label of the group. A sample is rewarded 1 when its stated result (or its
-  final answer) and its final answer both equal the user's answer; the vote is still
+- `answer`: the label of the group. A sample is rewarded 1 when its final answer equals
+  the user's answer by working that holds (`judge.consistent_rewards`); the vote is still
   taken and recorded beside it (`majority_label`), and `feedback_agreement` says whether
   they agreed (a live label accuracy). Method `gold`: a reward against a known answer.
 - `score` (thumbs: +1 / -1): the served reply joins the group with a reward on the
@@ -42,6 +42,7 @@ from pydantic import ValidationError
 
 from judge import (
     VoteResult,
+    consistent_rewards,
     extract_answer,
     majority_vote,
     same_answer,
@@ -105,11 +106,6 @@ def trusted_majority(vote: VoteResult) -> bool:
     return vote.label is not None and not vote.tie and vote.ratio > TRUSTED_MAJORITY
 
 
-def _agrees(voted: str | None, final: str | None, label: str) -> bool:
-    # as consistent_rewards: a reply must state the result and end on it
-    return bool(voted and final and same_answer(voted, label) and same_answer(final, label))
-
-
 def label_with_feedback(
     gid: str,
     log_id: str,
@@ -126,8 +122,7 @@ def label_with_feedback(
     """The group and pair of a prompt whose caller gave feedback (see the module docstring);
     `trusted` False: of a flagged key, whose feedback changes nothing but is still rated."""
     answers = list(scored.answers)
-    voted = vote_answers(texts, prompt, answers)
-    vote: VoteResult = scored.vote or majority_vote(voted)
+    vote: VoteResult = scored.vote or majority_vote(vote_answers(texts, prompt, answers))
     obs: list[Obs] = []
     lo, hi = (0.0, 5.0) if scored.method == "judge" else (0.0, 1.0)  # the method's scale
     served = record.responses[fb.choice] if 0 <= fb.choice < len(record.responses) else None
@@ -151,7 +146,7 @@ def label_with_feedback(
         label = served_answer  # a thumbs up on an answer says it is the right one
     if label is not None:
         kept = list(range(min(s.n_train, len(texts))))
-        rewards = [1.0 if _agrees(voted[i], answers[i], label) else 0.0 for i in kept]
+        rewards = consistent_rewards(label, answers, texts, prompt)[: len(kept)]
         method, lo, hi = "gold", 0.0, 1.0
     else:
         kept = list(scored.kept)

@@ -71,9 +71,8 @@ def test_consistent_rewards_only_for_samples_that_end_on_the_label_by_true_worki
     finals = extract_answers(REPLIES)
     vote = majority_vote(vote_answers(REPLIES, PROMPT, finals))
     # reply 0 states 13 and ends on 13; reply 1 states 13 but ends on another number
-    assert consistent_rewards(vote, finals, REPLIES, PROMPT) == [1.0, 0.0, 0.0, 0.0]
+    assert consistent_rewards(vote.label, finals, REPLIES, PROMPT) == [1.0, 0.0, 0.0, 0.0]
     # no working at all but the label: rewarded; the label through a false step: not
     texts = ["The answer is 13.", "9 + 4 = 12, plus one: 13."]
-    assert consistent_rewards(vote, extract_answers(texts), texts, PROMPT) == [1.0, 0.0]
-    nothing = majority_vote([None, None])
-    assert consistent_rewards(nothing, [None, None], ["", ""], PROMPT) == [0.0, 0.0]
+    assert consistent_rewards(vote.label, extract_answers(texts), texts, PROMPT) == [1.0, 0.0]
+    assert consistent_rewards(None, [None, None], ["", ""], PROMPT) == [0.0, 0.0]

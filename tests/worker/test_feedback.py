@@ -6,6 +6,7 @@ pair. Real Redis and the real service on the voter model (answers "1" or "2").""
 import httpx
 import openai
 
+from judge import extract_answers
 from strop.records import FeedbackRecord, Keys, PreferencePair, PromptLogRecord, ScoredGroup
 from strop.series import read_series
 from tests.service.conftest import API_KEY
@@ -166,3 +167,20 @@ def test_preferred_reply_is_the_chosen_side_served_the_rejected(worker_settings)
     assert isinstance(lab.pair, PreferencePair)
     assert (lab.pair.chosen, lab.pair.rejected) == ("2, because I said so", "1")
     assert lab.pair.weight == 2.0 and lab.pair.feedback["preferred"].startswith("2,")
+
+
+def test_answer_feedback_rewards_the_users_answer_reached_by_working_that_holds(
+    worker_settings,
+):
+    prompt = "What is 7 + 5?"
+    texts = ["7 + 5 = 12.", "7 + 5 = 13, so 12.", "The answer is 12.", "7 + 5 = 13."]
+    record = PromptLogRecord.from_stream(log_record(prompt))
+    fb = FeedbackRecord(request_id=record.request_id, key_id="test", answer="12")
+    samples = Samples("base", "base", tuple(texts), tuple(() for _ in texts))
+    scored = score_ttrl(samples, extract_answers(texts), len(texts), 0.25, prompt)
+    lab = label_with_feedback(
+        "g", "1-0", record, fb, samples.texts, samples.token_logprobs, "base", scored,
+        prompt, worker_settings,
+    )  # fmt: skip
+    # 12 through a false step teaches the false step; 12 with no working is still 12
+    assert lab.group.rewards == [1.0, 0.0, 1.0, 0.0] and lab.group.method == "gold"
