@@ -151,15 +151,16 @@ def test_vote_verdict_too_few_voted_prompts_passes_with_note():
 def test_vote_labels_tie_weak_or_chatty_votes_have_no_label():
     q = "What is 2 + 3?"
     labels = vote_labels(
-        [q, q, q, "Write a haiku about the sea."],
+        [q, q, q, q, "Write a haiku about the sea."],
         [
             ["2 + 3 = 5", "2 + 3 = 5.", "So 2 + 3 = 6", "The answer is 5."],  # 5 wins
-            ["2 + 3 = 5", "2 + 3 = 6", "2 + 3 = 5", "2 + 3 = 6"],  # tie
+            ["2 + 3 = 5", "3 - 2 = 1", "2 + 3 = 5", "3 - 2 = 1"],  # tie
+            ["2 + 3 = 5", "2 + 3 = 6", "2 + 3 = 5", "2 + 3 = 6"],  # false working: no votes
             ["2 + 3 = 5", "hmm"],  # a "majority" of one sample
             ["Waves roll in 3 lines", "Sea of 5 winds", "Blue 7", "Salt 3"],  # not a vote
         ],
     )
-    assert labels == ["5", None, None, None]
+    assert labels == ["5", None, "5", None, None]
     # a greedy answer agrees when it says the label, as the vote reads it
     greedy = ["2 + 3 = 5. Then add 4 more.", "2 + 3 = 5", "The answer is 6.", "Waves"]
     assert agrees([q, q, q, q], ["5", None, "5", "5"], greedy) == [True, False, False]
