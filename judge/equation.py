@@ -10,10 +10,9 @@ The equation is also checked: a reply that writes "11 × 2 = 20" has shown its a
 wrong by its own working, so it casts no vote and earns no reward. This reads no gold
 answer; it is arithmetic on the reply's own words. It matters because SmolLM2-135M's
 confident answers are mostly shared mistakes: unchecked, the vote's label was right for
-about 1 trained group in 4 in the loop; with false equations out it is right for about 7
-in 10 of the groups kept offline, and one true equation is then enough for a label
-(bench/README.md, "Learning"). Whether the equation fits the question (adding where the
-question subtracts) is still the vote's to decide.
+about 1 trained group in 4 in the loop; with false equations out, and one true equation
+enough for a label, for about 2 in 3 (bench/README.md, "Learning"). Whether the equation
+fits the question (adding where the question subtracts) is still the vote's to decide.
 """
 
 import ast
