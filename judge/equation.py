@@ -85,11 +85,11 @@ def verified(texts: Sequence[str], prompt: str) -> bool:
 def consistent_rewards(
     label: str | None, answers: Sequence[str | None], texts: Sequence[str], prompt: str
 ) -> list[float]:
-    """1.0 for a sample whose final answer is `label` (the vote's, or a user's) and whose working (if it states an
-    equation over the prompt's numbers) holds; else 0.0. A reply that states the result and
-    then ends on another number would teach the model to bury its answer (a reader, and
-    the extractor, take the last one); a reply that reaches the label through a false
-    equation would teach it the false step.
+    """1.0 for a sample whose final answer is `label` (the vote's, or a user's) and whose
+    working, if it states an equation over the prompt's numbers, holds; else 0.0. A reply
+    that states the result and then ends on another number would teach the model to bury
+    its answer (a reader, and the extractor, take the last one); a reply that reaches the
+    label through a false equation would teach it the false step.
 
     Example:
         >>> p = "What is 9 + 4?"
