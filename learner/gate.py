@@ -16,7 +16,8 @@ user prompts,
    and not the candidate grading itself), scores the candidate's and the parent's greedy
    answers with the judge rubric (judge/llm_score.py, K=1); the candidate's mean may be at
    most `reward_tolerance` below the parent's. When no judgment of one side parses there
-   is no evidence either way, and the check is skipped (recorded as `gate/reward_skipped`).
+   is no evidence either way, and the check is skipped (recorded as `gate/reward_skipped`);
+   a judge whose first `JUDGE_SCOUTS` judgments do not parse is not asked the rest.
 
 Every generation (both sides' greedy answers, the parent's judgments and votes) is an
 internal request to the service, which serves the candidate to it pinned before any user
@@ -58,6 +59,10 @@ BUILTIN_PROMPTS = [
     "How many days are in a leap year?",
 ]
 MAX_PROBE_PROMPT_TOKENS = 256  # longer prompts would make the gate slow, not more telling
+# Judgments asked before the rest: the rubric prompt is ~450 tokens, the priciest thing the
+# gate asks on a CPU, and SmolLM2-135M parsed none of 320 in 20 gates (bench/results), so
+# a judge that fails these is not asked the others.
+JUDGE_SCOUTS = 2
 
 
 @dataclass
@@ -225,14 +230,21 @@ def judge_scores(
     prompts: Sequence[str],
     answers: Sequence[str],
     max_tokens: int,
+    scouts: int = JUDGE_SCOUTS,
 ) -> list[float | None]:
     """One greedy judgment per answer by version `judge` with the rubric, through the
-    service; None where it does not parse."""
+    service; None where it does not parse. The first `scouts` are asked alone: when none
+    of them parses the judge cannot score, and the rest are not asked (all None)."""
     from judge.llm_score import judge_messages, parse_score
 
     messages = [judge_messages(p, a) for p, a in zip(prompts, answers, strict=True)]
-    judgments = [a[0].text for a in ask(client, judge, messages, max_tokens)]
-    return [parse_score(j, a) for j, a in zip(judgments, answers, strict=True)]
+    scores: list[float | None] = []
+    for part in (messages[:scouts], messages[scouts:]):
+        if part and (not scores or any(s is not None for s in scores)):
+            judgments = [a[0].text for a in ask(client, judge, part, max_tokens)]
+            done = answers[len(scores) : len(scores) + len(part)]
+            scores += [parse_score(j, a) for j, a in zip(judgments, done, strict=True)]
+    return scores + [None] * (len(answers) - len(scores))
 
 
 def answer_ids(tokenizer, answer: Answer) -> list[int]:

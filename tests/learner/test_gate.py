@@ -4,6 +4,8 @@ The answers and judgments come from a real service (internal requests, the candi
 pinned while only registered); the KL is computed here, on the learner's own weights."""
 
 import math
+import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from learner.gate import (
     BUILTIN_PROMPTS,
     agrees,
+    judge_scores,
     probe_prompts,
     run_gate,
     trained_prompts,
@@ -116,6 +119,50 @@ def test_gate_nan_weights_rejected_before_running(policy, tiny_model_dir):
 
     assert not result.passed and result.reason.startswith("weights are not finite")
     assert result.metrics == {"gate/finite": 0.0}
+
+
+class JudgeStub:
+    """Stands in for a service whose model can follow the judge rubric: the tiny random
+    models (and SmolLM2-135M, bench/results) never write a parseable `Score: N`. Replies
+    `reply(answer)` and records what it was asked."""
+
+    def __init__(self, reply):
+        self.reply, self.asked, self.lock = reply, [], threading.Lock()
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, model, messages, max_tokens, temperature, n):
+        text = messages[0]["content"].split("<response>\n")[1].split("\n</response>")[0]
+        with self.lock:
+            self.asked.append(text)
+        message = SimpleNamespace(content=self.reply(text))
+        return SimpleNamespace(
+            choices=[SimpleNamespace(index=0, message=message, finish_reason="stop")]
+        )
+
+
+def test_judge_scores_a_judge_that_cannot_score_is_asked_only_the_scouts():
+    answers = [f"answer {i}" for i in range(16)]
+    mute = JudgeStub(lambda answer: "This response is relevant and helpful.")
+
+    scores = judge_scores(mute, "v1", ["q"] * 16, answers, max_tokens=8, scouts=2)
+
+    assert scores == [None] * 16
+    assert sorted(mute.asked) == ["answer 0", "answer 1"]
+
+
+def test_judge_scores_a_judge_that_scores_is_asked_every_answer_in_order():
+    answers = [f"answer {i}" for i in range(16)]
+    # parses on the second scout only: one parseable judgment is enough to ask the rest
+    judge = JudgeStub(
+        lambda answer: (
+            f"Fine. Score: {int(answer.split()[1]) % 6}" if answer != "answer 0" else "no score"
+        )
+    )
+
+    scores = judge_scores(judge, "v1", ["q"] * 16, answers, max_tokens=8, scouts=2)
+
+    assert scores == [None] + [float(i % 6) for i in range(1, 16)]
+    assert sorted(judge.asked) == sorted(answers)
 
 
 def test_gate_verdict_reward_drop_beyond_tolerance_fails():
