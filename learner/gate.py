@@ -237,13 +237,16 @@ def judge_scores(
     of them parses the judge cannot score, and the rest are not asked (all None)."""
     from judge.llm_score import judge_messages, parse_score
 
-    messages = [judge_messages(p, a) for p, a in zip(prompts, answers, strict=True)]
-    scores: list[float | None] = []
-    for part in (messages[:scouts], messages[scouts:]):
-        if part and (not scores or any(s is not None for s in scores)):
-            judgments = [a[0].text for a in ask(client, judge, part, max_tokens)]
-            done = answers[len(scores) : len(scores) + len(part)]
-            scores += [parse_score(j, a) for j, a in zip(judgments, done, strict=True)]
+    def scored(questions: Sequence[str], texts: Sequence[str]) -> list[float | None]:
+        if not texts:
+            return []
+        messages = [judge_messages(q, t) for q, t in zip(questions, texts, strict=True)]
+        judgments = [a[0].text for a in ask(client, judge, messages, max_tokens)]
+        return [parse_score(j, t) for j, t in zip(judgments, texts, strict=True)]
+
+    scores = scored(prompts[:scouts], answers[:scouts])
+    if any(s is not None for s in scores):
+        return scores + scored(prompts[scouts:], answers[scouts:])
     return scores + [None] * (len(answers) - len(scores))
 
 
