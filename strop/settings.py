@@ -294,8 +294,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {},
     "cpu": {"n_votes": 8, "sample_max_tokens": 128, "batch_size": 8, "steps_per_version": 4},
     # one group per optimizer step: the same 16 groups per version as 4 x 4, for the same
-    # compute, but 16 Adam steps instead of 4; held-out pass@1 0.172 at 26 minutes against
-    # 0.128 at 30 (bench/README.md, "TRL on the same reward, and one group per step")
+    # compute, but 16 Adam steps instead of 4; held-out pass@1 0.094 -> 0.228 in 55 minutes
+    # against 0.138 in 54 (bench/README.md, "One group per step, 60 minutes")
     "small-cpu": {
         "n_votes": 8,
         "sample_max_tokens": 96,
