@@ -77,5 +77,6 @@ class Args:
         if self.algorithm == "dpo":
             keys += ["dpo_beta", "dpo_loss"]
         else:
-            keys += ["grpo_clip", "grpo_kl_coef", "grpo_iterations", "max_staleness"]
+            keys += ["grpo_clip", "grpo_kl_coef", "grpo_iterations", "grpo_decoupled"]
+            keys += ["max_staleness"]
         return {k: getattr(self, k) for k in keys}

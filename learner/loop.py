@@ -5,8 +5,9 @@ One long-running loop, nanoGPT-style. For each version:
     setup   start from the promoted version (or a new LoRA while none is promoted)
     batch   read `batch_size` records (pairs for DPO, groups for GRPO) from Redis
     step    DPO against the base model (adapter disabled), or GRPO's clipped ratio against
-            the behaviour version, with a KL to the base model; in micro-batches if
-            `micro_batch_size` is set (same update, less memory) (learner/steps.py);
+            the behaviour version (or decoupled, losses/grpo.py), with a KL to the base
+            model; in micro-batches if `micro_batch_size` is set (same update, less
+            memory) (learner/steps.py);
             GRPO takes `grpo_iterations` steps on each batch
     log     namespaced metrics (`loss/dpo`, `reward/mean`, ...) every step
     save    after `steps_per_version` steps: write `adapter_dir/vN` atomically, register
@@ -156,9 +157,10 @@ class Learner:
             self.policy.model.train()
             # sampling is what costs; GRPO's clipped ratio lets a batch be used mu times
             iterations = a.grpo_iterations if a.algorithm == "grpo" else 1
+            proximal = {} if a.algorithm == "grpo" and a.grpo_decoupled else None
             for _ in range(iterations):
                 self.optimizer.zero_grad(set_to_none=True)
-                metrics = steps.backward(self.policy, records, a)
+                metrics = steps.backward(self.policy, records, a, proximal)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.policy.trainable_parameters(), a.max_grad_norm
                 )

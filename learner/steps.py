@@ -58,10 +58,18 @@ def dpo_step(
 
 
 def grpo_step(
-    policy: Policy, groups: list[ScoredGroup], *, max_len: int, clip_eps: float, kl_coef: float
+    policy: Policy,
+    groups: list[ScoredGroup],
+    *,
+    max_len: int,
+    clip_eps: float,
+    kl_coef: float,
+    proximal: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], float]:
-    """GRPO loss of some groups (ratio to each group's behaviour version, KL to the base
-    model): (loss, metrics, completion tokens it is a mean over)."""
+    """GRPO loss of some groups (ratio to each group's behaviour version, or decoupled when
+    `proximal` is given; KL to the base model): (loss, metrics, completion tokens it is a
+    mean over). `proximal` keeps the log-probs of the batch's first step across its
+    `grpo_iterations` steps, by group id: PPO's old policy."""
     model = policy.model
     rows = [(g, i) for g in groups for i in range(len(g.completions))]
     completions = [
@@ -94,21 +102,36 @@ def grpo_step(
         with torch.no_grad(), policy.use(version) as m:
             behaviour[idx] = token_logps(m, sub)
     logps = token_logps(model, batch)  # (B*G, T)
+    proximal_logps = None
+    if proximal is not None:  # the first step's weights are the proximal policy
+        proximal_logps = proximal.setdefault(groups[0].group_id, logps.detach())  # (B*G, T)
     # advantages per group (groups may differ in size), in row order
     advantages = torch.cat(
         [group_advantages(torch.tensor([g.rewards], dtype=torch.float32)) for g in groups]
     ).to(logps.device)  # (B*G,)
     weights = torch.tensor([g.weight for g, _ in rows], dtype=logps.dtype).to(logps.device)
     loss, metrics = grpo_loss(
-        logps, behaviour, ref, advantages, mask, clip_eps=clip_eps, kl_coef=kl_coef, weights=weights
+        logps,
+        behaviour,
+        ref,
+        advantages,
+        mask,
+        clip_eps=clip_eps,
+        kl_coef=kl_coef,
+        weights=weights,
+        proximal_logps=proximal_logps,
     )
     return loss, metrics, float(mask.sum())
 
 
 def backward(
-    policy: Policy, records: list[PreferencePair] | list[ScoredGroup], args: Args
+    policy: Policy,
+    records: list[PreferencePair] | list[ScoredGroup],
+    args: Args,
+    proximal: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Gradients of the batch's loss, built `args.micro_batch_size` records at a time.
+    `proximal`: the decoupled GRPO loss's store of first-step log-probs (see grpo_step).
 
     Each loss is a mean (over pairs, or over completion tokens); a micro-batch's loss
     times its count, summed, then divided by the batch's count is exactly the batch's
@@ -119,7 +142,9 @@ def backward(
     if args.algorithm == "dpo":
         loss_fn = partial(dpo_step, beta=args.dpo_beta, loss_type=args.dpo_loss)
     else:
-        loss_fn = partial(grpo_step, clip_eps=args.grpo_clip, kl_coef=args.grpo_kl_coef)
+        loss_fn = partial(
+            grpo_step, clip_eps=args.grpo_clip, kl_coef=args.grpo_kl_coef, proximal=proximal
+        )
     parts, total = [], 0.0
     for i in range(0, len(records), size):
         loss, metrics, n = loss_fn(policy, records[i : i + size], max_len=args.max_len)

@@ -205,6 +205,10 @@ class Settings(BaseSettings):
     grpo_iterations: int = Field(default=1, ge=1)
     """Optimizer steps on each GRPO batch (the GRPO paper's mu, TRL's num_iterations): the
     clipped ratio to the sampling version keeps the repeated steps near it."""
+    grpo_decoupled: bool = False
+    """GRPO clips the ratio against the weights before each batch and corrects for the
+    served version's lag with a capped importance weight (AReaL's decoupled loss), instead
+    of clipping against the served version that sampled the group."""
     max_staleness: int = 2
     """GRPO groups sampled more than this many versions before the one trained on are
     dropped (and counted)."""

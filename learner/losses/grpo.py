@@ -37,6 +37,8 @@ def grpo_loss(
     clip_eps: float = 0.2,
     kl_coef: float = 0.04,
     weights: Tensor | None = None,
+    proximal_logps: Tensor | None = None,
+    max_behaviour_weight: float = 2.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO loss with a k3 KL penalty, averaged over all completion tokens of the batch.
 
@@ -50,7 +52,13 @@ def grpo_loss(
 
     The ratio is taken against the behaviour policy that sampled the group (the served
     adapter version), not against a detached copy of the current policy, so stale groups
-    are corrected and clipped. Normalisation is token-level (as DAPO, Yu et al. 2025):
+    are corrected and clipped. Given `proximal_logps`, the loss is decoupled instead
+    (AReaL, Fu et al. 2025, Eq. 5): the ratio r_it = exp(logp_it - proximal_it) is clipped
+    against the proximal policy (the weights before this batch's first step), and the
+    sampler's lag is corrected by a per-token weight exp(proximal_it - behaviour_it),
+    detached and capped at `max_behaviour_weight` (IMPALA's truncation). Then the trust
+    region is one batch wide, as on-policy GRPO's, not the distance to a served version
+    that is only replaced every few minutes. Normalisation is token-level (as DAPO, Yu et al. 2025):
     every unmasked token in the batch weighs the same, whatever its completion's length
     (the GRPO paper instead averages per completion, then over completions).
     Masked positions must hold finite values (`token_logps` puts zeros there).
@@ -65,6 +73,9 @@ def grpo_loss(
         kl_coef: weight of the KL-to-reference penalty (beta in the paper).
         weights: w_i, the weight of completion i's group (user feedback: `feedback_weight`);
             default 1. The denominator stays the token count. Shape: (B*G,)
+        proximal_logps: the same under the weights before this batch's first step; None:
+            clip against the behaviour policy. Shape: (B*G, T)
+        max_behaviour_weight: cap of the decoupled loss's behaviour weight.
 
     Returns:
         (loss, metrics): the scalar loss, and detached floats under `loss/grpo`,
@@ -74,10 +85,17 @@ def grpo_loss(
     """
     mask = mask.to(logps.dtype)  # (B*G, T)
     adv = advantages.unsqueeze(1)  # (B*G, 1)
-    ratio = torch.exp(logps - behaviour_logps)  # (B*G, T)
+    if proximal_logps is None:
+        ratio = torch.exp(logps - behaviour_logps)  # (B*G, T)
+        behaviour_weight = torch.ones_like(ratio)  # (B*G, T)
+    else:
+        ratio = torch.exp(logps - proximal_logps)  # (B*G, T)
+        behaviour_weight = torch.exp(proximal_logps - behaviour_logps).clamp(
+            max=max_behaviour_weight
+        )  # (B*G, T), no gradient: both are fixed
     pg_loss1 = -adv * ratio  # (B*G, T)
     pg_loss2 = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)  # (B*G, T)
-    pg_loss = torch.max(pg_loss1, pg_loss2)  # (B*G, T)  = -min(r A, clip(r) A)
+    pg_loss = behaviour_weight * torch.max(pg_loss1, pg_loss2)  # (B*G, T) = -w min(r A, clip(r) A)
     log_ref_ratio = ref_logps - logps  # (B*G, T)
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # (B*G, T)
     per_token = pg_loss + kl_coef * kl  # (B*G, T)
@@ -96,6 +114,7 @@ def grpo_loss(
             "policy/ratio_mean": ratio[tokens].mean().item(),
             "policy/ratio_max": ratio[tokens].max().item(),
             "policy/ratio_min": ratio[tokens].min().item(),
+            "policy/behaviour_weight_mean": behaviour_weight[tokens].mean().item(),
             "advantage/mean": advantages.mean().item(),
         }
     return loss, metrics

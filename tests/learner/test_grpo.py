@@ -73,6 +73,45 @@ def test_grpo_loss_clipped_token_gets_no_policy_gradient():
     assert logps.grad[1, 0].item() == pytest.approx(math.exp(0.5) / 5, rel=1e-6)
 
 
+def test_grpo_loss_decoupled_clips_against_proximal_and_weights_by_behaviour_lag():
+    # proximal = the weights before the step (logps themselves): no token is clipped, even
+    # those whose ratio to the stale behaviour policy is far outside 1 +- 0.2; each token's
+    # gradient is -A * exp(proximal - behaviour), capped at 2
+    logps = torch.tensor(LOGPS, requires_grad=True)
+    loss, metrics = grpo_loss(
+        logps,
+        torch.tensor(BEHAVIOUR),
+        torch.tensor(REF),
+        torch.tensor([1.0, -1.0]),
+        torch.tensor(MASK),
+        kl_coef=0.0,
+        proximal_logps=logps.detach(),
+        max_behaviour_weight=2.0,
+    )
+    loss.backward()
+
+    w = [[1.0, math.exp(0.5), math.exp(-0.1)], [math.exp(0.5), math.exp(-1.0), 0.0]]
+    assert metrics["policy/clip_fraction"] == 0.0
+    assert metrics["policy/ratio_max"] == metrics["policy/ratio_min"] == 1.0
+    assert logps.grad[0].tolist() == pytest.approx([-w[0][j] / 5 for j in range(3)], rel=1e-6)
+    assert logps.grad[1, :2].tolist() == pytest.approx([w[1][0] / 5, w[1][1] / 5], rel=1e-6)
+    assert logps.grad[1, 2].item() == 0.0  # masked
+    assert metrics["policy/behaviour_weight_mean"] == pytest.approx(
+        (w[0][0] + w[0][1] + w[0][2] + w[1][0] + w[1][1]) / 5, rel=1e-6
+    )
+    # a token the proximal policy likes 3 times more than the sampler weighs 2, not 3
+    capped, _ = grpo_loss(
+        torch.tensor([[0.0]], requires_grad=True),
+        torch.tensor([[-math.log(3.0)]]),
+        torch.tensor([[0.0]]),
+        torch.tensor([1.0]),
+        torch.tensor([[1]]),
+        kl_coef=0.0,
+        proximal_logps=torch.tensor([[0.0]]),
+    )
+    assert capped.item() == pytest.approx(-2.0)
+
+
 def test_group_advantages_matches_hand_computation_and_equal_group_is_zero():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.3, 0.3, 0.3, 0.3]])
 

@@ -70,3 +70,33 @@ def test_grpo_step_base_groups_fresh_lora_ratio_one_and_token_count(make_learner
     assert metrics["policy/ratio_min"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["policy/ratio_max"] == pytest.approx(1.0, abs=1e-6)
     assert loss.requires_grad
+
+
+def test_grpo_step_decoupled_keeps_the_first_steps_weights_as_proximal(make_learner):
+    # grpo_iterations > 1: the batch's second step clips against the weights before its
+    # first, as PPO does; a new batch (a new store) starts from the weights it finds
+    learner = make_learner(algorithm="grpo")
+    learner.start()
+    groups = [group(1, "base"), group(2, "base")]
+    params = learner.policy.trainable_parameters()
+    proximal: dict[str, torch.Tensor] = {}
+
+    loss, first, _ = steps.grpo_step(
+        learner.policy, groups, max_len=256, clip_eps=0.2, kl_coef=0.04, proximal=proximal
+    )
+    loss.backward()
+    with torch.no_grad():  # a large step, so the ratio to the proximal policy moves
+        for p in params:
+            p.add_(-5.0 * p.grad.sign() * 0.01)
+    _, second, _ = steps.grpo_step(
+        learner.policy, groups, max_len=256, clip_eps=0.2, kl_coef=0.04, proximal=proximal
+    )
+    _, fresh, _ = steps.grpo_step(
+        learner.policy, groups, max_len=256, clip_eps=0.2, kl_coef=0.04, proximal={}
+    )
+
+    assert first["policy/ratio_min"] == first["policy/ratio_max"] == 1.0
+    assert second["policy/ratio_max"] > 1.01 or second["policy/ratio_min"] < 0.99
+    assert fresh["policy/ratio_min"] == fresh["policy/ratio_max"] == 1.0
+    # base groups on a fresh LoRA: the behaviour policy is the proximal one, weight 1
+    assert first["policy/behaviour_weight_mean"] == pytest.approx(1.0, abs=1e-5)
