@@ -61,7 +61,8 @@ from celery.contrib.testing.worker import start_worker  # noqa: E402
 from celery.signals import task_failure, task_prerun, task_success  # noqa: E402
 
 from judge import extract_answer, extract_answers, majority_vote, same_answer  # noqa: E402
-from strop.labeled import LabeledQuestion, make_labeled_set, write_jsonl  # noqa: E402
+from ops.questions import make_labeled_set  # noqa: E402
+from strop.labeled import LabeledQuestion, write_jsonl  # noqa: E402
 from strop.records import Keys  # noqa: E402
 from strop.settings import Settings  # noqa: E402
 from worker.app import create_app  # noqa: E402
@@ -76,7 +77,7 @@ from worker.probe import probe_key, probe_obs  # noqa: E402
 
 VOTE_SIZES = (4, 8, 16)
 N_TRAIN = 8  # G: the worker's default; groups of N=4 keep all 4
-MIN_MAJORITY_RATIO = 0.3  # the worker's default drop threshold
+MIN_MAJORITY_RATIO = Settings().min_majority_ratio  # the worker's drop threshold
 INTERNAL = {"X-Strop-Internal": "1"}  # the worker's header: the service logs none of these
 
 
@@ -159,23 +160,36 @@ def score_draw(draw: Draw, n: int) -> dict[str, Any]:
     q = draw.question
     texts = draw.texts[:n]
     answers = extract_answers(texts)
-    vote = majority_vote(answers)
     messages = [{"role": "user", "content": q.prompt}]
-    # the worker's own probe computation, so these numbers mean what its monitoring means
-    label_obs, reward_obs = probe_obs(
-        {probe_key(messages): q.answer}, messages, answers, vote, "base"
-    )
-    gold = extract_answer(q.answer) or q.answer.strip()
     samples = Samples("base", "base", tuple(texts), tuple(() for _ in texts))
-    scored = score_ttrl(samples, answers, N_TRAIN, MIN_MAJORITY_RATIO)
+    # the worker's own scoring and probe computation, so these numbers mean what its
+    # monitoring means (checked votes included)
+    scored = score_ttrl(
+        samples,
+        answers,
+        N_TRAIN,
+        MIN_MAJORITY_RATIO,
+        q.prompt,
+        Settings().min_verified_votes,
+    )
+    label_obs, reward_obs = probe_obs(
+        {probe_key(messages): q.answer},
+        messages,
+        list(scored.answers),
+        scored.vote,
+        scored.vote_rewards,
+        "base",
+    )
+    vote = scored.vote
+    gold = extract_answer(q.answer) or q.answer.strip()
     return {
         "extraction_rate": sum(a is not None for a in answers) / n,
         "sample_accuracy": sum(a is not None and same_answer(a, gold) for a in answers) / n,
         "label_accuracy": label_obs.value,
         "reward_accuracy": reward_obs.value,
-        "majority_ratio": vote.ratio if vote.label is not None else None,
+        "majority_ratio": vote.ratio if vote is not None and vote.label is not None else None,
         "drop": scored.drop,
-        "label": vote.label,
+        "label": vote.label if vote is not None else None,
     }
 
 
