@@ -208,7 +208,8 @@ class Settings(BaseSettings):
     grpo_decoupled: bool = False
     """GRPO clips the ratio against the weights before each batch and corrects for the
     served version's lag with a capped importance weight (AReaL's decoupled loss), instead
-    of clipping against the served version that sampled the group."""
+    of clipping against the served version that sampled the group. Off: on small-cpu it
+    moved the model further per version but scored lower (bench/README.md)."""
     max_staleness: int = 2
     """GRPO groups sampled more than this many versions before the one trained on are
     dropped (and counted)."""
