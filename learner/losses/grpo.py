@@ -58,9 +58,11 @@ def grpo_loss(
     sampler's lag is corrected by a per-token weight exp(proximal_it - behaviour_it),
     detached and capped at `max_behaviour_weight` (IMPALA's truncation). Then the trust
     region is one batch wide, as on-policy GRPO's, not the distance to a served version
-    that is only replaced every few minutes. Normalisation is token-level (as DAPO, Yu et al. 2025):
-    every unmasked token in the batch weighs the same, whatever its completion's length
-    (the GRPO paper instead averages per completion, then over completions).
+    that is only replaced every few minutes.
+
+    Normalisation is token-level (as DAPO, Yu et al. 2025): every unmasked token in the
+    batch weighs the same, whatever its completion's length (the GRPO paper instead
+    averages per completion, then over completions).
     Masked positions must hold finite values (`token_logps` puts zeros there).
 
     Args:
