@@ -54,29 +54,9 @@ def test_grpo_loss_matches_hand_computation():
     assert metrics["advantage/mean"] == pytest.approx(0.0)
 
 
-def test_grpo_loss_clipped_token_gets_no_policy_gradient():
-    logps = torch.tensor(LOGPS, requires_grad=True)
-    loss, _ = grpo_loss(
-        logps,
-        torch.tensor(BEHAVIOUR),
-        torch.tensor(REF),
-        torch.tensor([1.0, -1.0]),
-        torch.tensor(MASK),
-        kl_coef=0.0,
-    )
-    loss.backward()
-
-    assert logps.grad[0, 1].item() == 0.0  # clipped above, A > 0
-    assert logps.grad[1, 1].item() == 0.0  # clipped below, A < 0
-    assert logps.grad[1, 2].item() == 0.0  # masked
-    assert logps.grad[0, 0].item() == pytest.approx(-1 / 5)  # d(-r A)/dlogp = -r A, r = 1
-    assert logps.grad[1, 0].item() == pytest.approx(math.exp(0.5) / 5, rel=1e-6)
-
-
-def test_grpo_loss_decoupled_clips_against_proximal_and_weights_by_behaviour_lag():
-    # proximal = the weights before the step (logps themselves): no token is clipped, even
-    # those whose ratio to the stale behaviour policy is far outside 1 +- 0.2; each token's
-    # gradient is -A * exp(proximal - behaviour), capped at 2
+def _grad_on_table(decoupled: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """grpo_loss on the table above without the KL, after backward: (d loss / d logps,
+    metrics); `decoupled`: the proximal policy is the current one (logps themselves)."""
     logps = torch.tensor(LOGPS, requires_grad=True)
     loss, metrics = grpo_loss(
         logps,
@@ -85,17 +65,35 @@ def test_grpo_loss_decoupled_clips_against_proximal_and_weights_by_behaviour_lag
         torch.tensor([1.0, -1.0]),
         torch.tensor(MASK),
         kl_coef=0.0,
-        proximal_logps=logps.detach(),
+        proximal_logps=logps.detach() if decoupled else None,
         max_behaviour_weight=2.0,
     )
     loss.backward()
+    return logps.grad, metrics
+
+
+def test_grpo_loss_clipped_token_gets_no_policy_gradient():
+    grad, _ = _grad_on_table()
+
+    assert grad[0, 1].item() == 0.0  # clipped above, A > 0
+    assert grad[1, 1].item() == 0.0  # clipped below, A < 0
+    assert grad[1, 2].item() == 0.0  # masked
+    assert grad[0, 0].item() == pytest.approx(-1 / 5)  # d(-r A)/dlogp = -r A, r = 1
+    assert grad[1, 0].item() == pytest.approx(math.exp(0.5) / 5, rel=1e-6)
+
+
+def test_grpo_loss_decoupled_clips_against_proximal_and_weights_by_behaviour_lag():
+    # proximal = the weights before the step (logps themselves): no token is clipped, even
+    # those whose ratio to the stale behaviour policy is far outside 1 +- 0.2; each token's
+    # gradient is -A * exp(proximal - behaviour), capped at 2
+    grad, metrics = _grad_on_table(decoupled=True)
 
     w = [[1.0, math.exp(0.5), math.exp(-0.1)], [math.exp(0.5), math.exp(-1.0), 0.0]]
     assert metrics["policy/clip_fraction"] == 0.0
     assert metrics["policy/ratio_max"] == metrics["policy/ratio_min"] == 1.0
-    assert logps.grad[0].tolist() == pytest.approx([-w[0][j] / 5 for j in range(3)], rel=1e-6)
-    assert logps.grad[1, :2].tolist() == pytest.approx([w[1][0] / 5, w[1][1] / 5], rel=1e-6)
-    assert logps.grad[1, 2].item() == 0.0  # masked
+    assert grad[0].tolist() == pytest.approx([-w[0][j] / 5 for j in range(3)], rel=1e-6)
+    assert grad[1, :2].tolist() == pytest.approx([w[1][0] / 5, w[1][1] / 5], rel=1e-6)
+    assert grad[1, 2].item() == 0.0  # masked
     assert metrics["policy/behaviour_weight_mean"] == pytest.approx(
         (w[0][0] + w[0][1] + w[0][2] + w[1][0] + w[1][1]) / 5, rel=1e-6
     )
