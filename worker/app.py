@@ -35,6 +35,7 @@ def create_app(settings: Settings) -> Celery:
     """A Celery app for these settings; a worker on it imports and runs worker/tasks.py."""
     prefix = settings.redis_prefix
     vt = visibility_timeout(settings)
+    sweep_s = max(1, min(60, vt // 10))  # sweep for a dead worker's messages ~10x per timeout
     # a worker (or beat) imports the tasks when it starts, through Celery's `include`:
     # worker/tasks.py imports this module, never the other way round
     app = Celery("strop", set_as_current=False, include=["worker.tasks"])
@@ -44,9 +45,13 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options={
             "global_keyprefix": prefix,
             "visibility_timeout": vt,
-            # sweep for a dead worker's messages about ten times per timeout
-            "unacked_restore_interval": max(1, min(60, vt // 10)),
+            "unacked_restore_interval": sweep_s,
             "unacked_restore_throttle": 1,
+            # A sweep holds kombu's lock for milliseconds, but a worker killed inside one
+            # leaves it held until it expires: 5 minutes by default, in which no worker
+            # restores anything. A short lock is safe: each restore is its own WATCH
+            # transaction, so two sweeps at once cannot both restore one message.
+            "unacked_mutex_expire": max(5, sweep_s),
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
         },

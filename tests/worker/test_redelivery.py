@@ -16,13 +16,17 @@ from strop.records import Keys, PreferencePair, ScoredGroup
 from tests.conftest import free_port
 from tests.service.conftest import API_KEY
 from tests.worker.conftest import wait_until
+from worker.app import create_app
 from worker.build import group_id
 
 # Sampling 15 answers of 150 tokens takes the voter model a few seconds on this machine:
 # time enough to kill the worker inside its service call. The 15 coin flips all agree
 # (no signal, no group) with p = 2 / 2^15.
 SLOW = {"n_votes": 15, "n_train": 15, "sample_max_tokens": 150}
-VISIBILITY_S = 5  # the broker delivers the dead worker's task again after this
+# The broker delivers the dead worker's task again after this. It is shorter than B's
+# build on a loaded machine (production keeps it above the time limit), so the broker
+# may also hand B a second copy of its own live task: the built marker makes that a no-op.
+VISIBILITY_S = 5
 
 
 def worker_env(settings, metrics_port: int) -> dict[str, str]:
@@ -93,6 +97,11 @@ def test_worker_killed_mid_task_redelivered_writes_one_group(service, worker_set
         assert not r.exists(marker) and r.xlen(keys.groups) == 0
     finally:
         stop(a, signal.SIGKILL)
+    # A dies sweeping for unacknowledged messages once in a few hundred runs, holding
+    # kombu's sweep lock; too rare to time, so here A is made to hold it (simulated):
+    # B must still get the task within the lock's expiry, not kombu's default 5 minutes.
+    expire = create_app(settings).conf.broker_transport_options["unacked_mutex_expire"]
+    assert r.lock(keys.prefix + "unacked_mutex", timeout=expire).acquire(blocking=False)
 
     # worker B, no beat: after the visibility timeout the broker hands it the same task
     port = free_port()
@@ -102,9 +111,16 @@ def test_worker_killed_mid_task_redelivered_writes_one_group(service, worker_set
     )
     try:
         assert wait_until(lambda: r.exists(marker), timeout=90), log_b.read_text()
-        # acknowledged after it ran, and no copy left anywhere to run again
-        assert wait_until(lambda: r.hlen(keys.prefix + "unacked") == 0, timeout=10)
-        assert queue_length(r, settings.redis_prefix) == 0
+
+        # acknowledged after it ran, and no copy left anywhere to run again (checked twice:
+        # a worker pops a message before it marks it unacknowledged)
+        def drained() -> bool:
+            unacked = r.hlen(keys.prefix + "unacked")
+            return unacked == 0 and queue_length(r, settings.redis_prefix) == 0
+
+        assert wait_until(drained, timeout=30)
+        time.sleep(1.5)
+        assert drained()
         assert r.get(marker) == "built", "all 15 answers agreed: p = 6e-5"
         groups = [ScoredGroup.from_stream(f) for _, f in r.xrange(keys.groups)]
         assert [g.log_id for g in groups] == [log_id]
