@@ -74,6 +74,16 @@ class ClientGone(APIError):
         super().__init__(499, "The client closed the request.", code="client_closed_request")
 
 
+def engine_error(e: Exception, failed: str) -> APIError:
+    """The OpenAI-style error for an engine exception: a 400 where the engine refused the
+    request itself, else a 503 (the engine failed: degrade, keep serving)."""
+    if isinstance(e, EngineRejected):
+        return APIError(400, f"The engine refused this request: {e}")
+    return APIError(
+        503, f"The engine {failed}: {e}", type="server_error", code="engine_unavailable"
+    )
+
+
 class EngineQueue:
     """Sequences (`n` per request) this service has in the engine, overall and per API key."""
 
@@ -382,15 +392,8 @@ class ChatService:
             raise
         except ContextTooLong as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from e
-        except EngineRejected as e:
-            raise APIError(400, f"The engine refused this request: {e}") from e
-        except Exception as e:  # the engine failed: degrade to a 503, keep serving
-            raise APIError(
-                503,
-                f"The engine could not serve this request: {e}",
-                type="server_error",
-                code="engine_unavailable",
-            ) from e
+        except Exception as e:
+            raise engine_error(e, "could not serve this request") from e
 
     def _lost(self, version: str, adapter: str | None, attempt: int) -> None:
         """The engine lost an adapter we loaded (a restarted vLLM): forget it so the next
@@ -413,15 +416,8 @@ class ChatService:
                     yield item
             except (APIError, AdapterNotFound):
                 raise
-            except EngineRejected as e:
-                raise APIError(400, f"The engine refused this request: {e}") from e
             except Exception as e:
-                raise APIError(
-                    503,
-                    f"The engine failed while streaming: {e}",
-                    type="server_error",
-                    code="engine_unavailable",
-                ) from e
+                raise engine_error(e, "failed while streaming") from e
 
     def _done(
         self,
