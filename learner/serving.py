@@ -14,7 +14,6 @@ service that cannot be reached raises `ServiceUnavailable`, which the caller tre
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
 import openai
 
 from strop.headers import INTERNAL
@@ -38,7 +37,7 @@ def connect_service(url: str, api_key: str | None, timeout_s: float = 120.0) -> 
         base_url=url.rstrip("/") + "/v1",
         api_key=api_key or "none",
         max_retries=0,
-        timeout=httpx.Timeout(timeout_s, connect=5.0),
+        timeout=openai.Timeout(timeout_s, connect=5.0),
         default_headers={INTERNAL: "1"},
     )
 

@@ -9,7 +9,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-import httpx
 import openai
 import redis
 from celery import Celery
@@ -44,7 +43,7 @@ def make_context(settings: Settings, metrics: WorkerMetrics | None = None) -> Wo
         api_key=settings.service_api_key or "none",
         # Celery retries with backoff; the client must not retry behind its back
         max_retries=0,
-        timeout=httpx.Timeout(float(soft_time_limit(settings)), connect=5.0),
+        timeout=openai.Timeout(float(soft_time_limit(settings)), connect=5.0),
         default_headers={INTERNAL: "1"},
     )
     return WorkerContext(
