@@ -12,6 +12,7 @@ from judge.equation import (
     vote_answers,
 )
 from judge.extract import extract_answer, extract_answers
+from judge.keep import keep_both
 from judge.llm_score import JUDGE_TEMPLATE, judge_messages, judge_rewards, mean_score, parse_score
 from judge.pairs import Pair, select_pair
 from judge.vote import VoteResult, answer_entropy, majority_vote, same_answer, ttrl_rewards
@@ -28,6 +29,7 @@ __all__ = [
     "extraction_rate",
     "judge_messages",
     "judge_rewards",
+    "keep_both",
     "majority_vote",
     "mean_score",
     "parse_score",

@@ -46,6 +46,7 @@ from judge import (
     extraction_rate,
     judge_messages,
     judge_rewards,
+    keep_both,
     majority_vote,
     same_answer,
     select_pair,
@@ -333,20 +334,23 @@ def score(
 def score_gold(
     samples: Samples, answers: list[str | None], gold: str | None, n_train: int
 ) -> Scored:
-    """Reward 1 for the first G answers equal to the known answer, 0 otherwise (the ceiling
-    the label-free rewards are measured against); a prompt with no known answer is dropped."""
+    """Reward 1 for answers equal to the known answer, 0 otherwise (the ceiling the
+    label-free rewards are measured against), on G of the N kept with both kinds where the
+    N have both (judge.keep_both); a prompt with no known answer is dropped."""
     v = samples.version
-    g = min(n_train, len(answers))
     if gold is None:
+        kept: list[int] = []
         rewards: tuple[float, ...] = ()
         drop: str | None = "unscored"
     else:
         label = extract_answer(gold) or gold.strip()
-        rewards = tuple(1.0 if a and same_answer(a, label) else 0.0 for a in answers[:g])
+        every = [1.0 if a and same_answer(a, label) else 0.0 for a in answers]
+        kept = keep_both(every, n_train)
+        rewards = tuple(every[i] for i in kept)
         drop = "no_signal" if len(set(rewards)) < 2 else None
     return Scored(
         method="gold",
-        kept=tuple(range(len(rewards))),
+        kept=tuple(kept),
         rewards=rewards,
         drop=drop,
         answers=tuple(answers),

@@ -2,7 +2,8 @@
 POST /v1/strop/feedback) shapes the group and pair built from that prompt.
 
 - `answer`: the label of the group. A sample is rewarded 1 when its final answer equals
-  the user's answer by working that holds (`judge.consistent_rewards`); the vote is still
+  the user's answer by working that holds (`judge.consistent_rewards`); a true label keeps
+  right answers from all N samples, not only the first G (`judge.keep_both`); the vote is still
   taken and recorded beside it (`majority_label`), and `feedback_agreement` says whether
   they agreed (a live label accuracy). Method `gold`: a reward against a known answer.
 - `score` (thumbs: +1 / -1): the served reply joins the group with a reward on the
@@ -44,6 +45,7 @@ from judge import (
     VoteResult,
     consistent_rewards,
     extract_answer,
+    keep_both,
     majority_vote,
     same_answer,
     select_pair,
@@ -144,9 +146,10 @@ def label_with_feedback(
             obs.append(Obs("feedback_agreement", version, float(same_answer(vote.label, label))))
     elif score is not None and score > 0 and served_answer:
         label = served_answer  # a thumbs up on an answer says it is the right one
-    if label is not None:
-        kept = list(range(min(s.n_train, len(texts))))
-        rewards = consistent_rewards(label, answers, texts, prompt)[: len(kept)]
+    if label is not None:  # a true label: a right answer anywhere in the N is kept
+        every = consistent_rewards(label, answers, texts, prompt)
+        kept = keep_both(every, s.n_train)
+        rewards = [every[i] for i in kept]
         method, lo, hi = "gold", 0.0, 1.0
     else:
         kept = list(scored.kept)

@@ -191,6 +191,17 @@ def test_score_gold_rewards_answers_equal_to_known_answer_first_g_kept():
     assert scored.rewards == (1.0, 1.0, 0.0, 0.0) and scored.kept == (0, 1, 2, 3)
 
 
+def test_score_gold_keeps_a_right_answer_sampled_after_the_first_g():
+    # a weak model: one right answer in eight, the last; the first four alone teach nothing
+    texts = ("11", "13", "11", "10", "14", "11", "13", "12")
+    samples = Samples("base", "base", texts, ((),) * len(texts))
+
+    scored = score_gold(samples, extract_answers(list(texts)), gold="12", n_train=4)
+
+    assert scored.drop is None and scored.kept == (0, 1, 2, 7)
+    assert scored.rewards == (0.0, 0.0, 0.0, 1.0)
+
+
 def test_score_gold_unknown_prompt_dropped_unscored_all_right_no_signal():
     samples = Samples("base", "base", ("12", "12"), ((), ()))
     answers = extract_answers(["12", "12"])

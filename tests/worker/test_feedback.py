@@ -184,3 +184,20 @@ def test_answer_feedback_rewards_the_users_answer_reached_by_working_that_holds(
     )  # fmt: skip
     # 12 through a false step teaches the false step; 12 with no working is still 12
     assert lab.group.rewards == [1.0, 0.0, 1.0, 0.0] and lab.group.method == "gold"
+
+
+def test_answer_feedback_keeps_the_one_right_sample_beyond_the_first_g(worker_settings):
+    # without the user's answer the vote says 1 and the first two samples agree with it;
+    # the user's 2 makes the last sample the one worth learning from
+    texts = ["1", "1", "1", "1", "2"]
+    s = worker_settings.model_copy(update={"n_train": 2})
+    record = PromptLogRecord.from_stream(log_record("Pick: 1 or 2?"))
+    fb = FeedbackRecord(request_id=record.request_id, key_id="test", answer="2")
+    samples = Samples("base", "base", tuple(texts), tuple((-0.5,) for _ in texts))
+    scored = score_ttrl(samples, extract_answers(texts), s.n_train, 0.25)
+    lab = label_with_feedback(
+        "g", "1-0", record, fb, samples.texts, samples.token_logprobs, "base", scored,
+        "Pick: 1 or 2?", s,
+    )  # fmt: skip
+    assert lab.drop is None and lab.group.completions == ["1", "2"]
+    assert lab.group.rewards == [0.0, 1.0] and lab.group.token_logprobs == [[-0.5], [-0.5]]
