@@ -128,7 +128,8 @@ class Settings(BaseSettings):
     """N: answers sampled per prompt for the vote."""
     n_train: int = 8
     """G: of the N, completions kept in the group for training: the first G, or, where a
-    true label is known (a user's answer, gold), right ones from all N up to half of G."""
+    true label is known (a user's answer or thumbs up, gold), right ones from all N up to
+    half of G."""
     judge_k: int = 3
     """K: judgments per answer, averaged."""
     sample_temperature: float = 1.0
