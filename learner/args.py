@@ -72,7 +72,7 @@ class Args:
     def hyperparameters(self) -> dict:
         """What a version's metadata records about how it was trained."""
         keys = ["algorithm", "batch_size", "micro_batch_size", "steps_per_version"]
-        keys += ["learning_rate", "max_grad_norm"]
+        keys += ["learning_rate", "average_steps", "max_grad_norm"]
         keys += ["max_len", "seed", "lora_rank", "lora_alpha", "lora_target_modules"]
         if self.algorithm == "dpo":
             keys += ["dpo_beta", "dpo_loss"]

@@ -144,6 +144,7 @@ class Learner:
         consumed: list[str] = []
         history: dict[str, list[float]] = defaultdict(list)
         dropped_before = dict(self.dropped)
+        average = Average(self.policy.trainable_parameters()) if a.average_steps else None
         t0 = time.perf_counter()
         for step in range(a.steps_per_version):
             # --- batch ---
@@ -169,6 +170,8 @@ class Learner:
                 metrics["grad/norm"] = grad_norm.item()
                 for k, v in metrics.items():
                     history[k].append(v)
+            if average is not None:
+                average.add()
             consumed += ids
             # --- log ---
             metrics["time/step_s"] = time.perf_counter() - t_step
@@ -181,6 +184,8 @@ class Learner:
             self._state(phase="training", step=step + 1, metrics=metrics)
 
         # --- save ---
+        if average is not None:
+            average.apply()
         train_metrics = {k: sum(v) / len(v) for k, v in history.items()}
         train_metrics["data/records"] = float(len(consumed))
         for reason, n in self.dropped.items():
@@ -370,6 +375,30 @@ class Learner:
             log.warning("paused at %s (%s)", point, PAUSE_ENV)
             while True:
                 time.sleep(1)
+
+
+class Average:
+    """The running mean of some parameters over the points `add` is called at (`apply`
+    writes it into them): a version made of all its steps, not only the last one."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self) -> None:
+        """Count the parameters' current values in."""
+        for total, p in zip(self.sums, self.params, strict=True):
+            total += p.detach().float()
+        self.n += 1
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Set the parameters to their mean (unchanged if nothing was added)."""
+        if self.n:
+            for total, p in zip(self.sums, self.params, strict=True):
+                p.copy_(total / self.n)
 
 
 def build(settings: Settings, args: Args | None = None, pause_at: str | None = None) -> Learner:

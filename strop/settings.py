@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     """Optimizer steps before a new version is written."""
     learning_rate: float = 4e-4
     """AdamW learning rate of the LoRA weights."""
+    average_steps: bool = False
+    """A version is the mean of the LoRA weights after each of its steps (iterate
+    averaging, as SWA), not the last step's: one noisy group moves it 1/steps as far.
+    Training goes on from the saved mean."""
     lora_rank: int = 8
     """LoRA rank r of a new adapter (a promoted adapter keeps its own)."""
     lora_alpha: int = 16

@@ -17,6 +17,7 @@ import pytest
 import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file
 
 from learner.loop import PAUSE_ENV
 from strop.adapters import AdapterStore
@@ -54,6 +55,44 @@ def test_learner_dpo_version_saved_then_acked_and_promoted(make_learner):
         n for n, p in learner.policy.model.named_parameters() if not torch.equal(p, before[n])
     ]
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_learner_average_steps_saves_the_mean_of_its_steps_weights(make_learner):
+    # STROP_AVERAGE_STEPS: the version written is the mean of the LoRA weights after each
+    # step, not the last step's; and training goes on from what was saved.
+    learner = make_learner(steps_per_version=2, average_steps=True)
+    for i in range(4):
+        learner.r.xadd(learner.keys.pairs, pair(i).to_stream())
+    learner.start()
+    after_step: list[dict[str, torch.Tensor]] = []
+    step = learner.optimizer.step
+
+    def step_and_snapshot(*args, **kwargs):  # a spy: the real step, then a copy
+        out = step(*args, **kwargs)
+        after_step.append(
+            {
+                n: p.detach().clone()
+                for n, p in learner.policy.model.named_parameters()
+                if p.requires_grad
+            }
+        )
+        return out
+
+    learner.optimizer.step = step_and_snapshot
+
+    assert learner.run(max_versions=1) == ["v1"]
+
+    assert len(after_step) == 2
+    live = {n: p for n, p in learner.policy.model.named_parameters() if p.requires_grad}
+    moved = [n for n in live if not torch.equal(after_step[0][n], after_step[1][n])]
+    assert moved  # the two steps differ, so the mean is neither of them
+    for n, p in live.items():
+        torch.testing.assert_close(p, (after_step[0][n] + after_step[1][n]) / 2)
+    # what was saved is that mean (PEFT names the weights without the adapter's name)
+    saved = load_file(str(learner.store.path("v1") / "adapter_model.safetensors"))
+    for n in moved:
+        torch.testing.assert_close(saved[n.replace(".default", "")], live[n])
+    assert learner.store.read("v1").hyperparameters["average_steps"] is True
 
 
 def test_learner_metrics_scraped_over_http_after_a_version(make_learner):
