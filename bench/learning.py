@@ -42,6 +42,7 @@ arms run in another sitting (same setup, checked) into one table and plot. A rec
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -53,6 +54,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -337,8 +339,10 @@ def spaced(versions: list[dict], most: int) -> list[dict]:
     return [versions[i] for i in picks]
 
 
-def evaluate(env: dict, arm: dict, held: list[LabeledQuestion]) -> list[dict]:
-    """pass@1, maj@8, flips, length and KL to base of base and every version of the arm."""
+@contextlib.contextmanager
+def served(env: dict) -> Iterator[openai.OpenAI]:
+    """A `strop serve` on `env`'s adapters for the scoring, and an internal client to it
+    (never logged, never trained on)."""
     port = free_port()
     serve_env = env | {"STROP_PORT": str(port), "STROP_TORCH_THREADS": "0"}
     serve = subprocess.Popen(
@@ -351,13 +355,20 @@ def evaluate(env: dict, arm: dict, held: list[LabeledQuestion]) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url + "/health", serve, "strop serve")
-        client = openai.OpenAI(
+        yield openai.OpenAI(
             base_url=url + "/v1",
             api_key="none",
             max_retries=2,
             timeout=900,
             default_headers={INTERNAL: "1"},
         )
+    finally:
+        stop(serve, 60)
+
+
+def evaluate(env: dict, arm: dict, held: list[LabeledQuestion]) -> list[dict]:
+    """pass@1, maj@8, flips, length and KL to base of base and every version of the arm."""
+    with served(env) as client:
         rows, before = [], None
         for v in [{"version": "base", "status": "base", "minutes": 0.0}] + arm["versions"]:
             t = time.time()
@@ -379,11 +390,14 @@ def evaluate(env: dict, arm: dict, held: list[LabeledQuestion]) -> list[dict]:
             )
             rows.append(row)
         return rows
-    finally:
-        stop(serve, 60)
 
 
-def score_version(client: openai.OpenAI, version: str, held: list[LabeledQuestion]) -> dict:
+def score_version(
+    client: openai.OpenAI, version: str, held: list[LabeledQuestion], seed: int = 0
+) -> dict:
+    """Held-out scores of `version`: 8 samples per question, question i drawn with seed
+    `seed + i` (the same draws for every version by default)."""
+
     def one(i: int, q: LabeledQuestion) -> tuple[list[bool], bool, float]:
         r = client.chat.completions.create(
             model=pinned_model(version),
@@ -391,7 +405,7 @@ def score_version(client: openai.OpenAI, version: str, held: list[LabeledQuestio
             n=SAMPLES,
             temperature=1.0,
             max_tokens=EVAL_TOKENS,
-            seed=i,  # the same draws for every version: differences are the weights'
+            seed=seed + i,  # the same draws for every version: differences are the weights'
         )
         answers = [extract_answer(c.message.content or "") for c in r.choices]
         right = [a is not None and same_answer(a, q.answer) for a in answers]
@@ -406,6 +420,7 @@ def score_version(client: openai.OpenAI, version: str, held: list[LabeledQuestio
         "maj8": statistics.mean(m for _, m, _ in results),
         "length": statistics.mean(n for _, _, n in results),
         "maj_right": [m for _, m, _ in results],
+        "right": [sum(r) for r, _, _ in results],  # of SAMPLES, per question
         "by_kind": {
             kind: statistics.mean(
                 sum(r) / SAMPLES
