@@ -8,12 +8,16 @@ the learning benchmark's stream, 8 votes and one greedy answer each, at several 
 lengths, and counts the prompts labelled, the labels that are right, and the greedy
 answers that agree with their label.
 
+Prints a table, writes bench/results/gate_labels.json.
+
     python bench/gate_labels.py [--prompts 48] [--votes 8] [--tokens 32,64,96]
 """
 
 import argparse
+import json
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -56,6 +60,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=48)
     p.add_argument("--votes", type=int, default=8)
     p.add_argument("--tokens", default="32,64,96")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate_labels.json")
     args = p.parse_args()
     s = Settings()
     model, tok = load_model(s.model, s.model_cache_dir, "cpu")
@@ -65,6 +70,7 @@ def main() -> None:
     prompts = [q.prompt for q in questions]
     print("| answer tokens | prompts labelled | labels right | greedy agrees | seconds |")
     print("|---:|---:|---:|---:|---:|")
+    rows = []
     for length in (int(t) for t in args.tokens.split(",")):
         t = time.time()
         votes: list[list[str]] = []
@@ -80,7 +86,18 @@ def main() -> None:
         )
         agree = sum(agrees(prompts, labels, greedy))
         n = sum(label is not None for label in labels)
-        print(f"| {length} | {n}/{len(prompts)} | {right} | {agree} | {time.time() - t:.0f} |")
+        seconds = time.time() - t
+        print(f"| {length} | {n}/{len(prompts)} | {right} | {agree} | {seconds:.0f} |", flush=True)
+        rows.append(
+            {"tokens": length, "labelled": n, "right": right, "agree": agree, "seconds": seconds}
+        )
+    out = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "params": {"prompts": args.prompts, "votes": args.votes},
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
