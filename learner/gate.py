@@ -8,10 +8,12 @@ user prompts,
 3. with a canary set (`STROP_CANARY_FILE`, labeled), its greedy accuracy there is at most
    `canary_tolerance` below the parent's;
    without one, a label-free check takes its place (vote agreement, TTRL's majority as
-   the label): the parent samples `vote_n` answers to each probe prompt and their
-   majority answer is the prompt's pseudo-label; the candidate's greedy answers must
-   match those labels on at most `vote_tolerance` fewer prompts than the parent's own
-   greedy answers do (see `vote_verdict` for why a count of prompts, and its figures);
+   the label): each probe prompt's pseudo-label is the vote label of a group the worker
+   built on it (`labelled_prompts`: the newest groups the candidate did not train on),
+   or, with fewer such groups than the check needs, the majority of `vote_n` answers the
+   parent samples to the probe prompts; the candidate's greedy answers must match those
+   labels on at most `vote_tolerance` fewer prompts than the parent's own greedy answers
+   do (see `vote_verdict` for why a count of prompts, and its figures);
 4. its self-reward has not dropped: the parent, as judge (the same judge for both sides,
    and not the candidate grading itself), scores the candidate's and the parent's greedy
    answers with the judge rubric (judge/llm_score.py, K=1); the candidate's mean may be at
@@ -108,6 +110,35 @@ def probe_prompts(
         if len(found) >= size:
             break
     return found or BUILTIN_PROMPTS[:size]
+
+
+def labelled_prompts(
+    r: redis.Redis, keys: Keys, size: int, scan: int = 200, exclude: Collection[str] = ()
+) -> list[tuple[str, str]]:
+    """The last `size` distinct user prompts of the groups stream that carry a vote label
+    (the worker's majority: TTRL groups, feedback groups too), newest first, with that
+    label, leaving out `exclude` (the candidate's trained prompts).
+
+    Why these: the gate's own vote labels about a quarter of recent prompts (8 votes, any
+    answer length: bench/README.md, "Gate"), so an 8-prompt probe rarely reaches the 3
+    labels its check needs; every built TTRL group has a label that passed the worker's
+    bars, and reading it costs the gate no sampling. The label comes from the version that
+    sampled the group, not the parent: both sides are measured against the same labels."""
+    found: dict[str, str] = {}
+    for _, fields in r.xrevrange(keys.groups, count=scan):
+        raw = fields.get("data", fields.get(b"data"))
+        try:
+            data = json.loads(raw)
+            messages, label = data["messages"], data.get("majority_label")
+        except (TypeError, ValueError, KeyError):
+            continue
+        text = last_user_text(messages) if isinstance(messages, list) else None
+        if text is None or text in found or text in exclude or not isinstance(label, str):
+            continue
+        found[text] = label
+        if len(found) >= size:
+            break
+    return list(found.items())
 
 
 def trained_prompts(r: redis.Redis, consumed: dict[str, list[str]]) -> set[str]:
@@ -276,11 +307,13 @@ def run_gate(
     vote_n: int = 16,
     vote_tolerance: int = 1,
     vote_min_prompts: int = 3,
+    labels: Sequence[str | None] | None = None,
 ) -> GateResult:
     """Check `candidate_version` (registered, on disk at `candidate_path`, and loaded in
     `policy` as adapter `candidate`) against `parent` (`base` or vN). Answers and judgments
     come from the service (`client`); raises ServiceUnavailable when it cannot answer.
-    Without a `canary`, the label-free vote check runs instead (`vote_verdict`)."""
+    Without a `canary`, the label-free vote check runs instead (`vote_verdict`), against
+    `labels` (one per prompt, None: no label) where given, else the parent's votes."""
     from judge.llm_score import mean_score
 
     start = time.perf_counter()
@@ -291,12 +324,15 @@ def run_gate(
     if not finite:
         return GateResult(False, "weights are not finite (nan or inf)", m)
 
-    prompts = [
-        p
-        for p in prompts
+    given = list(labels) if labels is not None else [None] * len(prompts)
+    short = [
+        (p, label)
+        for p, label in zip(prompts, given, strict=True)
         if len(prompt_ids(policy.tokenizer, [{"role": "user", "content": p}]))
         <= MAX_PROBE_PROMPT_TOKENS
-    ] or BUILTIN_PROMPTS
+    ]
+    prompts = [p for p, _ in short] or BUILTIN_PROMPTS
+    labelled = labels is not None and bool(short)  # else the parent votes
     messages = [[{"role": "user", "content": p}] for p in prompts]
     m["gate/probe_prompts"] = float(len(prompts))
 
@@ -308,7 +344,9 @@ def run_gate(
             for v in (parent, candidate_version)
         }
         voted = (
-            None if canary else pool.submit(ask, client, parent, messages, max_tokens, 1.0, vote_n)
+            None
+            if canary or labelled
+            else pool.submit(ask, client, parent, messages, max_tokens, 1.0, vote_n)
         )
         parent_answers = [a[0] for a in asked[parent].result()]
         candidate_answers = [a[0].text for a in asked[candidate_version].result()]
@@ -339,13 +377,15 @@ def run_gate(
             accuracy[parent],
             accuracy[candidate_version],
         )
-    # --- ... or, label-free: both sides' greedy answers against the parent's majority vote
+    # --- ... or, label-free: both sides' greedy answers against the groups' vote labels
+    # (or the parent's majority vote)
     else:
-        labels = vote_labels(prompts, votes)
-        parent_agree = agrees(prompts, labels, [a.text for a in parent_answers])
-        candidate_agree = agrees(prompts, labels, candidate_answers)
+        targets = [label for _, label in short] if labelled else vote_labels(prompts, votes)
+        parent_agree = agrees(prompts, targets, [a.text for a in parent_answers])
+        candidate_agree = agrees(prompts, targets, candidate_answers)
         n_voted = len(parent_agree)
         m["gate/vote_prompts"] = float(n_voted)
+        m["gate/vote_from_groups"] = float(labelled)
         if n_voted:
             m["gate/vote_parent"] = sum(parent_agree) / n_voted
             m["gate/vote_candidate"] = sum(candidate_agree) / n_voted
@@ -377,6 +417,7 @@ def run_gate(
             vote_tolerance,
             vote_min_prompts,
             parent,
+            "the groups' vote labels" if labelled else f"{parent}'s majority vote",
         )
         m["gate/vote_skipped"] = float(skipped_because is not None)
         notes += [skipped_because] if skipped_because else []
@@ -426,12 +467,14 @@ def vote_verdict(
     tolerance: int,
     min_prompts: int,
     parent: str = "parent",
+    labels_from: str | None = None,
 ) -> tuple[str | None, str | None]:
     """The label-free check: (why the candidate fails, or None; why the check was
     skipped, or None).
 
-    Of the `voted` probe prompts that have a majority label (`vote_labels`), the parent's
-    greedy answer matches it on `parent_agree`, the candidate's on `candidate_agree`. The
+    Of the `voted` probe prompts that have a majority label (`labelled_prompts` or
+    `vote_labels`, named by `labels_from` in the reason), the parent's greedy answer
+    matches it on `parent_agree`, the candidate's on `candidate_agree`. The
     candidate fails if it matches on more than `tolerance` prompts fewer. The parent's
     own greedy rate is the bar, not 100%: a greedy answer and a T=1 majority differ now
     and then even for one model.
@@ -459,9 +502,10 @@ def vote_verdict(
         return None, f"vote check skipped: too few voted prompts ({voted} < {need})"
     drop = parent_agree - candidate_agree
     if drop > tolerance:
+        source = labels_from or f"{parent}'s majority vote"
         return (
             f"vote agreement dropped by {drop} prompts: {candidate_agree}/{voted} of the "
-            f"candidate's greedy answers match {parent}'s majority vote, {parent_agree}/"
+            f"candidate's greedy answers match {source}, {parent_agree}/"
             f"{voted} of {parent}'s own (tolerance {tolerance})"
         ), None
     return None, None

@@ -32,7 +32,13 @@ from safetensors import SafetensorError
 
 from learner.args import Args
 from learner.feed import Feed
-from learner.gate import GateResult, probe_prompts, run_gate, trained_prompts
+from learner.gate import (
+    GateResult,
+    labelled_prompts,
+    probe_prompts,
+    run_gate,
+    trained_prompts,
+)
 from learner.metrics import LearnerMetrics
 from learner.policy import Policy
 from learner.serving import ServiceUnavailable
@@ -234,6 +240,19 @@ class Lifecycle:
         """Run the gate, waiting out a service that does not answer (a missing answer is no
         evidence: never promote or reject on it); None if stopped meanwhile."""
         a, wait = self.args, 1.0
+        trained = trained_prompts(self.r, meta.consumed)
+        # without a canary, probe where the worker's groups already hold a vote label (no
+        # sampling, and a label on every prompt); else the newest logged prompts
+        labelled = (
+            []
+            if self.canary
+            else labelled_prompts(self.r, self.keys, a.gate_probe_size, exclude=trained)
+        )
+        if len(labelled) >= a.gate_vote_min_prompts:
+            prompts, labels = [p for p, _ in labelled], [label for _, label in labelled]
+        else:
+            prompts = probe_prompts(self.r, self.keys, a.gate_probe_size, exclude=trained)
+            labels = None
         while True:
             try:
                 return run_gate(
@@ -243,12 +262,7 @@ class Lifecycle:
                     meta.version,
                     meta.parent,
                     self.store.path(meta.version),
-                    probe_prompts(
-                        self.r,
-                        self.keys,
-                        a.gate_probe_size,
-                        exclude=trained_prompts(self.r, meta.consumed),
-                    ),
+                    prompts,
                     kl_limit=a.gate_kl_limit,
                     reward_tolerance=a.gate_reward_tolerance,
                     max_tokens=a.gate_max_tokens,
@@ -259,6 +273,7 @@ class Lifecycle:
                     vote_n=a.gate_vote_n,
                     vote_tolerance=a.gate_vote_tolerance,
                     vote_min_prompts=a.gate_vote_min_prompts,
+                    labels=labels,
                 )
             except ServiceUnavailable as e:
                 log.warning("gate of %s waits for the service: %s", meta.version, e)

@@ -232,15 +232,17 @@ class Settings(BaseSettings):
     canary_tolerance: float = 0.05
     """Largest allowed drop in canary accuracy, candidate vs parent (a fraction)."""
     gate_vote_n: int = 16
-    """Without a canary, the gate's label-free check: answers the parent samples (T=1) to
-    each probe prompt; their majority is the prompt's label (at most STROP_MAX_N)."""
+    """Without a canary, and with too few labelled groups to probe with, the gate's
+    label-free check: answers the parent samples (T=1) to each probe prompt; their majority
+    is the prompt's label (at most STROP_MAX_N)."""
     gate_vote_tolerance: int = 1
     """Largest allowed drop, in probe prompts (a count, not a fraction: see learner/gate.py
     `vote_verdict`), in how many labels the candidate's greedy answers match, vs the
     parent's own greedy answers."""
     gate_vote_min_prompts: int = 3
     """Probe prompts with a clear majority label the vote check needs; with fewer it passes,
-    noted "too few voted prompts"."""
+    noted "too few voted prompts". Also the fewest labelled groups (not trained on by the
+    candidate) the gate probes with instead of sampling votes."""
     rollback_window_s: float = 600.0
     """After a promotion, how long live rewards are watched for a drop."""
     rollback_margin: float = 0.15

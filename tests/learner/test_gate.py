@@ -16,6 +16,7 @@ from learner.gate import (
     BUILTIN_PROMPTS,
     agrees,
     judge_scores,
+    labelled_prompts,
     probe_prompts,
     run_gate,
     trained_prompts,
@@ -257,6 +258,63 @@ def test_decide_without_canary_vote_figures_reach_the_registry(make_learner):
     assert learner.registry.get("v1").status == "promoted"
 
 
+def test_labelled_prompts_newest_labelled_groups_the_candidate_did_not_train_on(
+    redis_client, redis_prefix
+):
+    keys = Keys(redis_prefix)
+
+    def built(i: int, label: str | None, method: str = "ttrl") -> str:
+        g = group(i, "base").model_copy(update={"majority_label": label, "method": method})
+        return redis_client.xadd(keys.groups, g.to_stream())
+
+    assert labelled_prompts(redis_client, keys, 8) == []
+    built(1, "2")
+    built(2, "4")
+    built(3, None, "gold")  # gold rewards: no vote label to probe with
+    built(4, "8")
+    built(2, "4")  # the same prompt built again
+
+    assert labelled_prompts(redis_client, keys, 8, exclude={"What is 4 + 4?"}) == [
+        ("What is 2 + 2?", "4"),
+        ("What is 1 + 1?", "2"),
+    ]
+    assert labelled_prompts(redis_client, keys, 2) == [
+        ("What is 2 + 2?", "4"),
+        ("What is 4 + 4?", "8"),
+    ]
+
+
+def test_decide_without_canary_votes_on_the_labels_of_groups_not_trained_on(make_learner):
+    learner = make_learner(gate_probe_size=8)
+    learner.start()
+    ids = [
+        learner.r.xadd(
+            learner.keys.groups,
+            group(i, "base").model_copy(update={"majority_label": str(2 * i)}).to_stream(),
+        )
+        for i in range(1, 5)
+    ]
+    meta = AdapterVersion(
+        version="v1",
+        parent="base",
+        path="",
+        algorithm="dpo",
+        consumed={learner.keys.groups: ids[:1]},  # it trained on "What is 1 + 1?"
+    )
+    learner.store.write(meta, learner.policy.save)
+    learner.registry.add(meta)
+
+    learner.lifecycle.decide(meta, candidate="default")
+
+    gate = learner.registry.get("v1").gate
+    # three labelled prompts left: the check ran (the tiny model's gibberish matches none
+    # of the labels, on either side, so it passes)
+    assert gate["gate/probe_prompts"] == 3.0
+    assert gate["gate/vote_prompts"] == 3.0 and gate["gate/vote_from_groups"] == 1.0
+    assert gate["gate/vote_skipped"] == 0.0 and "notes" not in gate
+    assert learner.registry.get("v1").status == "promoted"
+
+
 def test_probe_prompts_latest_distinct_user_prompts_or_builtin(redis_client, redis_prefix):
     keys = Keys(redis_prefix)
     assert probe_prompts(redis_client, keys, 3) == BUILTIN_PROMPTS[:3]
@@ -376,10 +434,8 @@ def test_gate_damaged_adapter_fails_canary_undamaged_passes(
 # Eight questions, as many as the default probe: six whose samples SmolLM2-135M agrees on
 # and whose greedy answer says the same (its vote and greedy answer matched on each, in two
 # draws of 16 votes), and two it is unsure of. No canary is configured.
-VOTE_PROMPTS = [
-    f"What is {a} + {b}?"
-    for a, b in ((1, 1), (1, 2), (1, 4), (2, 3), (4, 2), (1, 8), (3, 6), (4, 5))
-]
+SUMS = ((1, 1), (1, 2), (1, 4), (2, 3), (4, 2), (1, 8), (3, 6), (4, 5))
+VOTE_PROMPTS = [f"What is {a} + {b}?" for a, b in SUMS]
 VOTE_GATE = dict(kl_limit=1e9, reward_tolerance=10.0, max_tokens=32, judge_tokens=4)
 
 
@@ -410,4 +466,35 @@ def test_gate_no_canary_damaged_adapter_refused_on_vote_agreement_undamaged_pass
     assert {"gate/vote_parent", "gate/vote_candidate"} <= bad.record().keys()
     assert good.passed, good.reason
     assert good.metrics["gate/vote_prompts"] >= 3
+    assert good.metrics["gate/vote_candidate"] == good.metrics["gate/vote_parent"]
+
+
+@pytest.mark.slow
+def test_gate_no_canary_group_labels_refuse_damaged_adapter_without_sampling_votes(
+    default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
+):
+    policy, settings, path2 = _damaged_v1_and_fresh_v2(
+        default_model_dir, redis_client, redis_prefix, tmp_path
+    )
+    labels = [str(a + b) for a, b in SUMS]  # what the worker's groups voted
+    # votes of more answers than the service allows: asking for them would fail the gate
+    gate = VOTE_GATE | {"vote_n": settings.max_n + 1, "labels": labels}
+
+    with ServerThread(settings.model_copy(update={"max_context": None}), smol_engine) as server:
+        client = connect_service(server.url, None, timeout_s=300)
+        bad = run_gate(
+            policy, client, "v1", "v1", "base", policy.store.path("v1"), VOTE_PROMPTS, **gate
+        )
+        good = run_gate(policy, client, "default", "v2", "base", path2, VOTE_PROMPTS, **gate)
+    print(f"group labels, base -> damaged v1: {bad.record()}")
+    print(f"group labels, base -> undamaged v2: {good.record()}")
+
+    assert bad.metrics["gate/vote_prompts"] == len(SUMS)  # a label on every prompt
+    assert bad.metrics["gate/vote_from_groups"] == 1.0
+    assert bad.metrics["gate/vote_parent"] >= 0.5
+    assert bad.metrics["gate/vote_candidate"] == 0.0
+    assert not bad.passed
+    assert bad.reason.startswith("vote agreement dropped by ")
+    assert "match the groups' vote labels" in bad.reason
+    assert good.passed, good.reason
     assert good.metrics["gate/vote_candidate"] == good.metrics["gate/vote_parent"]
