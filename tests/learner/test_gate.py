@@ -439,21 +439,30 @@ VOTE_PROMPTS = [f"What is {a} + {b}?" for a, b in SUMS]
 VOTE_GATE = dict(kl_limit=1e9, reward_tolerance=10.0, max_tokens=32, judge_tokens=4)
 
 
+def _gate_damaged_and_undamaged(
+    default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path, gate: dict
+):
+    """The gate's results, on VOTE_PROMPTS, for the damaged v1 and the undamaged v2."""
+    policy, settings, path2 = _damaged_v1_and_fresh_v2(
+        default_model_dir, redis_client, redis_prefix, tmp_path
+    )
+    with ServerThread(settings.model_copy(update={"max_context": None}), smol_engine) as server:
+        client = connect_service(server.url, None, timeout_s=900)
+        bad = run_gate(
+            policy, client, "v1", "v1", "base", policy.store.path("v1"), VOTE_PROMPTS, **gate
+        )
+        good = run_gate(policy, client, "default", "v2", "base", path2, VOTE_PROMPTS, **gate)
+    return bad, good
+
+
 @pytest.mark.slow
 def test_gate_no_canary_damaged_adapter_refused_on_vote_agreement_undamaged_passes(
     default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
 ):
-    policy, settings, path2 = _damaged_v1_and_fresh_v2(
-        default_model_dir, redis_client, redis_prefix, tmp_path
+    # 16 samples per prompt: about 40 s a gate here, but ten times that on a busy CPU
+    bad, good = _gate_damaged_and_undamaged(
+        default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path, VOTE_GATE
     )
-
-    with ServerThread(settings.model_copy(update={"max_context": None}), smol_engine) as server:
-        # 16 samples per prompt: about 40 s a gate here, but ten times that on a busy CPU
-        client = connect_service(server.url, None, timeout_s=900)
-        bad = run_gate(
-            policy, client, "v1", "v1", "base", policy.store.path("v1"), VOTE_PROMPTS, **VOTE_GATE
-        )
-        good = run_gate(policy, client, "default", "v2", "base", path2, VOTE_PROMPTS, **VOTE_GATE)
     print(f"vote agreement, base -> damaged v1: {bad.record()}")
     print(f"vote agreement, base -> undamaged v2: {good.record()}")
 
@@ -473,19 +482,12 @@ def test_gate_no_canary_damaged_adapter_refused_on_vote_agreement_undamaged_pass
 def test_gate_no_canary_group_labels_refuse_damaged_adapter_without_sampling_votes(
     default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
 ):
-    policy, settings, path2 = _damaged_v1_and_fresh_v2(
-        default_model_dir, redis_client, redis_prefix, tmp_path
-    )
     labels = [str(a + b) for a, b in SUMS]  # what the worker's groups voted
-    # votes of more answers than the service allows: asking for them would fail the gate
-    gate = VOTE_GATE | {"vote_n": settings.max_n + 1, "labels": labels}
-
-    with ServerThread(settings.model_copy(update={"max_context": None}), smol_engine) as server:
-        client = connect_service(server.url, None, timeout_s=300)
-        bad = run_gate(
-            policy, client, "v1", "v1", "base", policy.store.path("v1"), VOTE_PROMPTS, **gate
-        )
-        good = run_gate(policy, client, "default", "v2", "base", path2, VOTE_PROMPTS, **gate)
+    # votes of more answers than the service allows (16): asking for them would fail the gate
+    gate = VOTE_GATE | {"vote_n": 17, "labels": labels}
+    bad, good = _gate_damaged_and_undamaged(
+        default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path, gate
+    )
     print(f"group labels, base -> damaged v1: {bad.record()}")
     print(f"group labels, base -> undamaged v2: {good.record()}")
 
