@@ -126,13 +126,8 @@ def labelled_prompts(
     sampled the group, not the parent: both sides are measured against the same labels."""
     found: dict[str, str] = {}
     for _, fields in r.xrevrange(keys.groups, count=scan):
-        raw = fields.get("data", fields.get(b"data"))
-        try:
-            data = json.loads(raw)
-            messages, label = data["messages"], data.get("majority_label")
-        except (TypeError, ValueError, KeyError):
-            continue
-        text = last_user_text(messages) if isinstance(messages, list) else None
+        text, data = record_prompt(fields)
+        label = data.get("majority_label")
         if text is None or text in found or text in exclude or not isinstance(label, str):
             continue
         found[text] = label
@@ -153,15 +148,20 @@ def trained_prompts(r: redis.Redis, consumed: dict[str, list[str]]) -> set[str]:
     found: set[str] = set()
     for entries in pipe.execute():
         for _, fields in entries:
-            raw = fields.get("data", fields.get(b"data"))
-            try:
-                messages = json.loads(raw)["messages"]
-            except (TypeError, ValueError, KeyError):
-                continue
-            text = last_user_text(messages) if isinstance(messages, list) else None
+            text, _ = record_prompt(fields)
             if text is not None:
                 found.add(text)
     return found
+
+
+def record_prompt(fields: dict) -> tuple[str | None, dict]:
+    """The user prompt of a group or pair stream entry (None if unreadable), and its data."""
+    try:
+        data = json.loads(fields.get("data", fields.get(b"data")))
+        messages = data["messages"]
+    except (TypeError, ValueError, KeyError):
+        return None, {}
+    return (last_user_text(messages) if isinstance(messages, list) else None), data
 
 
 def weights_finite(path: Path) -> bool:
