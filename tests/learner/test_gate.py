@@ -483,8 +483,9 @@ def test_gate_no_canary_group_labels_refuse_damaged_adapter_without_sampling_vot
     default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path
 ):
     labels = [str(a + b) for a, b in SUMS]  # what the worker's groups voted
-    # votes of more answers than the service allows (16): asking for them would fail the gate
-    gate = VOTE_GATE | {"vote_n": 17, "labels": labels}
+    # votes of more answers than the service allows: asking for them would fail the gate
+    max_n = service_settings(default_model_dir, redis_prefix, tmp_path / "adapters").max_n
+    gate = VOTE_GATE | {"vote_n": max_n + 1, "labels": labels}
     bad, good = _gate_damaged_and_undamaged(
         default_model_dir, smol_engine, redis_client, redis_prefix, tmp_path, gate
     )
