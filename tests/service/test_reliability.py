@@ -230,32 +230,47 @@ def test_chat_body_over_limit_is_413_without_delaying_others(served, framing):
         end = time.time() + seconds
         return lambda: time.time() > end
 
-    probing(for_s(0.5))  # warm up
-    baseline = probing(for_s(3.0))  # a little longer than the upload: as many tail samples
-    answer: dict[str, httpx.Response] = {}
+    def one_try() -> list[str]:
+        """Send the big body while probing; the delays it caused, as complaints."""
+        probing(for_s(0.5))  # warm up
+        baseline = probing(for_s(3.0))  # a little longer than the upload: as many tail samples
+        answer: dict[str, httpx.Response] = {}
 
-    def upload() -> None:
-        answer["r"] = httpx.post(
-            served + "/v1/chat/completions", content=paced(), headers=headers, timeout=120
+        def upload() -> None:
+            answer["r"] = httpx.post(
+                served + "/v1/chat/completions", content=paced(), headers=headers, timeout=120
+            )
+
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        during = probing(lambda: not uploader.is_alive())
+        uploader.join()
+
+        err = assert_envelope(answer["r"], 413)
+        assert err["code"] == "request_too_large"
+        assert all(len(times) >= 3 for times in during.values()), during
+        complaints = []
+        for what in ("/health", "/v1/models"):
+            worst, usual = max(during[what]), max(baseline[what])
+            if worst - usual >= 0.1:
+                complaints.append(f"{what}: {worst:.3f}s during the upload, {usual:.3f}s before")
+        # The tiny model's own latency varies by more than 100 ms on a loaded CPU, so a chat
+        # request's delay is judged on the median (a stalled event loop shows in both above).
+        chat_during, chat_usual = (
+            statistics.median(during["chat"]),
+            statistics.median(baseline["chat"]),
         )
+        if chat_during - chat_usual >= 0.1:
+            complaints.append(f"chat: {chat_during:.3f}s during, {chat_usual:.3f}s before")
+        return complaints
 
-    uploader = threading.Thread(target=upload)
-    uploader.start()
-    during = probing(lambda: not uploader.is_alive())
-    uploader.join()
-
-    err = assert_envelope(answer["r"], 413)
-    assert err["code"] == "request_too_large"
-    assert all(len(times) >= 3 for times in during.values()), during
-    for what in ("/health", "/v1/models"):
-        worst, usual = max(during[what]), max(baseline[what])
-        assert worst - usual < 0.1, f"{what}: {worst:.3f}s during the upload, {usual:.3f}s before"
-    # The tiny model's own latency varies by more than 100 ms on a loaded CPU, so a chat
-    # request's delay is judged on the median (a stalled event loop shows in both above).
-    during_chat, usual_chat = statistics.median(during["chat"]), statistics.median(baseline["chat"])
-    assert during_chat - usual_chat < 0.1, (
-        f"chat: {during_chat:.3f}s during, {usual_chat:.3f}s before"
-    )
+    # A server that stalls on the upload does so every time; other work on a shared CPU
+    # (a bench, a build) delays one probe now and then. Three tries tell the two apart.
+    for _ in range(3):
+        complaints = one_try()
+        if not complaints:
+            break
+    assert not complaints, complaints
 
 
 def test_chat_body_limit_setting_applies(settings, tiny_engine):
