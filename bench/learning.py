@@ -499,9 +499,6 @@ def report(results: dict, out: Path, params: dict) -> None:
             ]
             print("| " + " | ".join(cells) + " |")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for res in results.values():
-        for row in res["rows"]:
-            row.pop("maj_right", None)
     out.write_text(
         json.dumps(
             {
@@ -565,6 +562,12 @@ def main() -> None:
     for arm, res in results.items():
         ran = res.get("ran", {})
         print(f"[{arm}] from {args.add_to} (ran {ran.get('at', '?')} at {ran.get('commit', '?')})")
+    earlier_base = [
+        r for res in results.values() for r in res["rows"][:1] if "maj_right" in r
+    ]  # files before 2026-12-06 did not keep the per-question majorities flips need
+    if earlier_base:  # the same held-out set and seeds (earlier_arms checked): base's draws
+        _scored["base"] = dict(earlier_base[0])
+        print(f"[base] scores from {args.add_to}, not measured again", flush=True)
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
