@@ -97,7 +97,7 @@ def test_generate_joining_running_batch_matches_alone(engine):
 
 def test_generate_eight_concurrent_requests_are_batched(engine):
     engine.stats["max_batch_seen"] = 0
-    params = SamplingParams(temperature=1.0, seed=8, max_tokens=16)  # seeded: never an early EOS
+    params = SamplingParams(temperature=1.0, seed=8, max_tokens=16)  # seeded: no EOS drawn
     gens = asyncio.run(gather(*(engine.generate(ask(f"q{i}"), params, None) for i in range(8))))
     assert all(g.completion_tokens == 16 for g in gens)
     assert engine.stats["max_batch_seen"] > 1
