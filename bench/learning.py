@@ -562,11 +562,12 @@ def main() -> None:
     for arm, res in results.items():
         ran = res.get("ran", {})
         print(f"[{arm}] from {args.add_to} (ran {ran.get('at', '?')} at {ran.get('commit', '?')})")
-    earlier_base = [
-        r for res in results.values() for r in res["rows"][:1] if "maj_right" in r
-    ]  # files before 2026-12-06 did not keep the per-question majorities flips need
-    if earlier_base:  # the same held-out set and seeds (earlier_arms checked): base's draws
-        _scored["base"] = dict(earlier_base[0])
+    # The same held-out set and seeds (earlier_arms checked), so base's draws; files from
+    # before 2026-12-06 lack the per-question majorities that flips need.
+    bases = (res["rows"][0] for res in results.values())
+    earlier_base = next((row for row in bases if "maj_right" in row), None)
+    if earlier_base is not None:
+        _scored["base"] = dict(earlier_base)
         print(f"[base] scores from {args.add_to}, not measured again", flush=True)
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
