@@ -17,7 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start the chat service (uvicorn)."""
     import uvicorn
 
-    from service.app import create_app
+    from service.app import KEEP_ALIVE_S, create_app
     from strop.model import ModelNotFound, resolve_model_dir
 
     settings = get_settings()
@@ -35,7 +35,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host = "127.0.0.1"
     elif not settings.api_keys:
         log.info("no API keys configured (STROP_API_KEYS): open API on localhost only")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
     return 0
 
 

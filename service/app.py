@@ -27,6 +27,13 @@ from strop.settings import Settings
 
 log = logging.getLogger("strop.service")
 
+# How long uvicorn keeps an idle connection open. Clients (the `openai` client's httpx pool)
+# drop idle connections after 5 s, as uvicorn does by default; with equal timeouts a client
+# can reuse a connection in the instant the server closes it and get "connection reset"
+# (the learner's gate did, after 5 s of scoring between two requests). Longer on the server
+# side means the client always lets go first.
+KEEP_ALIVE_S = 75
+
 
 @dataclass
 class Service:

@@ -51,7 +51,14 @@ class RemoteEngine:
         self._adapters: set[str] = set()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
-            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0)
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+            # vLLM's uvicorn closes idle connections after 5 s, httpx's default expiry too:
+            # letting go first means never sending on a connection the server is closing
+            limits=httpx.Limits(
+                max_connections=100, max_keepalive_connections=20, keepalive_expiry=2.0
+            ),
         )
         self.tokenizer = None
         self._prompts: PromptEncoder | None = None

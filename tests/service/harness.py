@@ -10,7 +10,7 @@ import openai
 import redis
 import uvicorn
 
-from service.app import create_app
+from service.app import KEEP_ALIVE_S, create_app
 from strop.records import AdapterVersion, Keys, PromptLogRecord
 from strop.registry import Registry
 from strop.settings import Settings
@@ -22,8 +22,14 @@ class ServerThread:
         self.port = free_port()
         self.settings = settings
         self.app = create_app(settings, engine)
+        # as `strop serve` runs it
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

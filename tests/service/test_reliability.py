@@ -5,6 +5,7 @@ A real uvicorn server, real Redis and raw HTTP (httpx), as a client would send i
 import asyncio
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -271,6 +272,25 @@ def test_chat_body_over_limit_is_413_without_delaying_others(served, framing):
         if not complaints:
             break
     assert not complaints, complaints
+
+
+def test_served_idle_connection_outlives_the_clients_pool_expiry(served):
+    # The `openai` client's pool drops a connection after 5 s idle. A server that closes it
+    # at the same moment races the client's next request on it: "connection reset by peer"
+    # (the learner's gate hit it). `strop serve` must keep it open for longer.
+    host, port = served.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and not first.will_close
+        time.sleep(6.0)  # idle past the client pool's 5 s
+        conn.request("GET", "/health")  # on the same socket: http.client never reconnects
+        again = conn.getresponse()
+        assert again.status == 200
+    finally:
+        conn.close()
 
 
 def test_chat_body_limit_setting_applies(settings, tiny_engine):
