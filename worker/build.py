@@ -48,7 +48,6 @@ from judge import (
     judge_rewards,
     keep_both,
     majority_vote,
-    same_answer,
     select_pair,
     verified,
     vote_answers,
@@ -327,16 +326,18 @@ def score(
             s.min_verified_votes,
         )
     if method == "gold":
-        return score_gold(samples, answers, ctx.gold.get(probe_key(messages)), s.n_train)
+        gold = ctx.gold.get(probe_key(messages))
+        return score_gold(samples, answers, gold, s.n_train, last_user_text(messages))
     return score_judge(ctx, messages, samples, answers, deadline)
 
 
 def score_gold(
-    samples: Samples, answers: list[str | None], gold: str | None, n_train: int
+    samples: Samples, answers: list[str | None], gold: str | None, n_train: int, prompt: str = ""
 ) -> Scored:
-    """Reward 1 for answers equal to the known answer, 0 otherwise (the ceiling the
-    label-free rewards are measured against), on G of the N kept with both kinds where the
-    N have both (judge.keep_both); a prompt with no known answer is dropped."""
+    """Reward 1 for answers equal to the known answer by working that holds, as a vote's
+    or a user's label is rewarded (judge.consistent_rewards), 0 otherwise: the ceiling the
+    label-free rewards are measured against. G of the N are kept, with both kinds where
+    the N have both (judge.keep_both); a prompt with no known answer is dropped."""
     v = samples.version
     if gold is None:
         kept: list[int] = []
@@ -344,7 +345,7 @@ def score_gold(
         drop: str | None = "unscored"
     else:
         label = extract_answer(gold) or gold.strip()
-        every = [1.0 if a and same_answer(a, label) else 0.0 for a in answers]
+        every = consistent_rewards(label, answers, samples.texts, prompt)
         kept = keep_both(every, n_train)
         rewards = tuple(every[i] for i in kept)
         drop = "no_signal" if len(set(rewards)) < 2 else None

@@ -202,6 +202,18 @@ def test_score_gold_keeps_a_right_answer_sampled_after_the_first_g():
     assert scored.rewards == (0.0, 0.0, 0.0, 1.0)
 
 
+def test_score_gold_rewards_the_known_answer_only_by_working_that_holds():
+    # as a vote's or a user's label: ending on the right number after a false step, or
+    # stating the right result and ending on another, earns nothing
+    prompt = "What is 9 + 4?"
+    texts = ("9 + 4 = 13, so 13.", "9 + 4 = 12, so 13.", "13", "9 + 4 = 13, or 7")
+    samples = Samples("base", "base", texts, ((),) * len(texts))
+
+    scored = score_gold(samples, extract_answers(list(texts)), "13", n_train=4, prompt=prompt)
+
+    assert scored.drop is None and scored.rewards == (1.0, 0.0, 1.0, 0.0)
+
+
 def test_score_gold_unknown_prompt_dropped_unscored_all_right_no_signal():
     samples = Samples("base", "base", ("12", "12"), ((), ()))
     answers = extract_answers(["12", "12"])
