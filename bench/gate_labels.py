@@ -55,6 +55,16 @@ def sample(model, tok, prompts: list[str], n: int, max_new: int, greedy: bool) -
     return [decoded[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+def load_base():
+    """Base (the default model) on the CPU, padded on the left for batched `generate`,
+    with torch's seed set."""
+    s = Settings()
+    model, tok = load_model(s.model, s.model_cache_dir, "cpu")
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    return model, tok
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompts", type=int, default=48)
@@ -62,10 +72,7 @@ def main() -> None:
     p.add_argument("--tokens", default="32,64,96")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate_labels.json")
     args = p.parse_args()
-    s = Settings()
-    model, tok = load_model(s.model, s.model_cache_dir, "cpu")
-    tok.padding_side = "left"
-    torch.manual_seed(0)
+    model, tok = load_base()
     questions = make_learning_set(400, 0, "stream")[: args.prompts]
     prompts = [q.prompt for q in questions]
     print("| answer tokens | prompts labelled | labels right | greedy agrees | seconds |")

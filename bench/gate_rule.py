@@ -41,11 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gate_labels import sample  # noqa: E402
+from bench.gate_labels import load_base, sample  # noqa: E402
 from learner.gate import agrees, vote_labels  # noqa: E402
 from ops.questions import make_learning_set  # noqa: E402
-from strop.model import load_model  # noqa: E402
-from strop.settings import Settings  # noqa: E402
 
 SCALES = [(s, seed) for s in (0.25, 0.35, 0.5, 0.75) for seed in (0, 1, 2)] + [(1.0, 0), (8.0, 0)]
 SIZES = [8, 16]
@@ -111,10 +109,7 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=4000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gate_rule.json")
     args = p.parse_args()
-    s = Settings()
-    model, tok = load_model(s.model, s.model_cache_dir, "cpu")
-    tok.padding_side = "left"
-    torch.manual_seed(0)
+    model, tok = load_base()
     t0 = time.time()
 
     # --- the pool: prompts base's votes label, and base's greedy answers to them ---
