@@ -9,8 +9,8 @@ often each rule refuses a candidate that is barely changed, and one that is dama
 Base (SmolLM2-135M-Instruct, plain `generate`, seeded) samples `--votes` answers (T=1,
 `--vote-tokens`) to the first `--prompts` prompts of the learning stream; `vote_labels`
 labels some of them: that is the pool. 32-token votes by default: base's 32-token greedy
-answers then match about half the labels, as the parents' did in the learning runs' gates
-(2-7 of 8); against 96-token votes (the worker's) base's greedy answers, cut at 32 tokens,
+answers then match 40% of the labels, inside what the parents matched in the learning
+runs' gates (2-7 of 8); against 96-token votes (the worker's) base's greedy answers, cut at 32 tokens,
 match almost none, and no rule could refuse anything. Base is the parent; the
 candidates are LoRAs with random weights (q/v, rank 8) at several scales and seeds, each
 answering the pool greedily (32 tokens, as the gate), with its KL to base on base's
@@ -18,7 +18,7 @@ greedy answers. Then `--draws` random probes of each size are drawn from the poo
 for each rule the share of probes on which it refuses.
 
 Rules: `count` refuses when the candidate matches on more than 1 prompt fewer (the
-tolerance before this bench); `sign` refuses when, of the D prompts where exactly one
+gate's rule, `STROP_GATE_VOTE_TOLERANCE` 1); `sign` refuses when, of the D prompts where exactly one
 side matches, the candidate loses so many that a fair coin per prompt would do it with
 probability at most `alpha` (a one-sided sign test).
 
