@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gate_labels import load_base, sample  # noqa: E402
-from learner.gate import agrees, vote_labels  # noqa: E402
+from learner.gate import agrees, vote_labels, vote_verdict  # noqa: E402
 from ops.questions import make_learning_set  # noqa: E402
 
 SCALES = [(s, seed) for s in (0.25, 0.35, 0.5, 0.75) for seed in (0, 1, 2)] + [(1.0, 0), (8.0, 0)]
@@ -92,12 +92,20 @@ def sign_test_p(lost: int, discordant: int) -> float:
     return sum(math.comb(discordant, k) for k in range(lost, discordant + 1)) / 2**discordant
 
 
-def refuses(parent: list[bool], cand: list[bool], rule: str, alpha: float) -> bool:
-    """The vote check's verdict on one probe, by `rule`."""
-    if rule == "count":
-        return sum(parent) - sum(cand) > 1
+def lost_won(parent: list[bool], cand: list[bool]) -> tuple[int, int]:
+    """Prompts where only the parent matches its label, and where only the candidate does."""
     lost = sum(p and not c for p, c in zip(parent, cand, strict=True))
     won = sum(c and not p for p, c in zip(parent, cand, strict=True))
+    return lost, won
+
+
+def refuses(parent: list[bool], cand: list[bool], rule: str, alpha: float) -> bool:
+    """The vote check's verdict on one probe, by `rule` (`count`: the gate's own
+    `vote_verdict` at its default tolerance of 1 prompt)."""
+    if rule == "count":
+        reason, _ = vote_verdict(len(parent), sum(parent), sum(cand), tolerance=1, min_prompts=3)
+        return reason is not None
+    lost, won = lost_won(parent, cand)
     return lost > won and sign_test_p(lost, lost + won) <= alpha
 
 
@@ -140,13 +148,14 @@ def main() -> None:
         cand = agrees(pool_prompts, pool_labels, greedy(peft))
         kl = kl_to_base(peft, tok, pool_prompts, base_answers)
         model = peft.unload()  # the base weights, untouched, for the next candidate
+        lost, won = lost_won(parent, cand)
         row = {
             "scale": scale,
             "seed": seed,
             "kl": kl,
             "agree": sum(cand),
-            "lost": sum(p and not c for p, c in zip(parent, cand, strict=True)),
-            "won": sum(c and not p for p, c in zip(parent, cand, strict=True)),
+            "lost": lost,
+            "won": won,
             "refused": {},
         }
         for size in [n for n in SIZES if n <= len(pool)]:
