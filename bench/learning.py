@@ -72,7 +72,7 @@ from ops.questions import make_learning_set  # noqa: E402
 from strop.connection import connect  # noqa: E402
 from strop.headers import INTERNAL  # noqa: E402
 from strop.labeled import LabeledQuestion, write_jsonl  # noqa: E402
-from strop.records import Keys  # noqa: E402
+from strop.records import Keys, ScoredGroup  # noqa: E402
 from strop.registry import Registry  # noqa: E402
 from strop.series import TRAINED_METRICS, read_series  # noqa: E402
 from strop.settings import Settings  # noqa: E402
@@ -213,10 +213,20 @@ def run_loop_arm(
             }
             for metric in MONITORED
         }
+        by_kind = trained_by_kind(r, keys, stream)
+        print(
+            f"[{name}] groups written, by skill: "
+            + ", ".join(
+                f"{k} {c['groups']} (label right {c['label_right']} of {c['labelled']})"
+                for k, c in by_kind.items()
+            ),
+            flush=True,
+        )
         return {
             "start": start,
             "sent": sent,
             "feedback": feedback,
+            "trained_by_kind": by_kind,
             "versions": [
                 {
                     "version": v.version,
@@ -231,6 +241,28 @@ def run_loop_arm(
         }
     finally:
         stop(up)
+
+
+def trained_by_kind(r, keys: Keys, stream: list[LabeledQuestion]) -> dict[str, dict[str, int]]:
+    """Groups the worker wrote for training, per skill of their prompt: how many, how many
+    carry a majority label, and how many of those labels are the true answer (the short
+    facts' lift differs most between arms, so: are they trained on at all?)."""
+    kind_of = {q.prompt: q for q in stream}
+    counts = {
+        k: {"groups": 0, "labelled": 0, "label_right": 0}
+        for k in sorted(Counter(q.kind for q in stream))
+    }
+    for _, fields in r.xrange(keys.groups):
+        group = ScoredGroup.from_stream(fields)
+        q = kind_of.get(group.messages[-1]["content"])
+        if q is None:  # not a stream prompt (none are, in these arms)
+            continue
+        c = counts[q.kind]
+        c["groups"] += 1
+        if group.majority_label is not None:
+            c["labelled"] += 1
+            c["label_right"] += same_answer(group.majority_label, q.answer)
+    return counts
 
 
 def _mean(points) -> float | None:
