@@ -247,8 +247,10 @@ class Settings(BaseSettings):
     """After a promotion, how long live rewards are watched for a drop."""
     rollback_margin: float = 0.15
     """A new version whose live mean reward is lower than its predecessor's by more is rolled back."""
-    rollback_min_samples: int = 20
-    """Rewards needed from each version before the rollback check decides."""
+    rollback_min_samples: int = 64
+    """Rewards needed from each version before the rollback check decides. A group's
+    rewards share a prompt, so this is about 8 prompts; at 20 (2-3 prompts) an unchanged
+    version was rolled back 4% of the time (bench/rollback.py)."""
     collapse_min_groups: int = 30
     """Groups the promoted version must have sampled (and its last good version, for the
     length check) before the collapse guard decides."""

@@ -11,6 +11,7 @@ from learner import rollback
 from strop.records import AdapterVersion, Keys
 from strop.registry import Registry
 from strop.series import Obs, write_series
+from strop.settings import Settings
 from tests.conftest import REDIS_URL
 
 WINDOW, MARGIN, MIN = 600.0, 0.15, 8
@@ -122,6 +123,35 @@ def test_rollback_samples_before_promotion_do_not_count_as_new(reg, redis_client
     verdict = _check(registry, redis_client, keys)
 
     assert verdict.new_samples == 10 and verdict.new_mean == 1.0 and not verdict.rolled_back
+
+
+def test_rollback_defaults_wait_for_eight_groups_not_a_handful_of_prompts(reg, redis_client):
+    # A group's 8 rewards share one prompt: 3 hard prompts in a row are no evidence that a
+    # version got worse (bench/rollback.py: the old default of 20 rewards rolled an
+    # unchanged version back 4% of the time). A drop over 8 groups still rolls back.
+    s = Settings()
+    registry, keys = reg
+    registry.promote("v1")
+    _groups(redis_client, keys, "v1", [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 20)  # 0.25
+    registry.promote("v2")
+    _groups(redis_client, keys, "v2", [0.0] * 8, 3)
+
+    def check():
+        return rollback.check(
+            registry,
+            redis_client,
+            keys,
+            s.rollback_window_s,
+            s.rollback_margin,
+            s.rollback_min_samples,
+        )
+
+    verdict = check()
+    assert verdict.reason == "too few samples yet" and registry.promoted() == "v2"
+
+    _groups(redis_client, keys, "v2", [0.0] * 8, 5)  # 8 groups of nothing right
+    verdict = check()
+    assert verdict.rolled_back and registry.promoted() == "v1"
 
 
 def _cli(prefix: str, *argv: str, adapter_dir: str = "adapters") -> subprocess.CompletedProcess:
