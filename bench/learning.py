@@ -553,6 +553,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    if len(results) > 10:  # the default cycle has 10 colours: two arms would share one
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for arm, res in results.items():
         rows = [
             r for r in res["rows"] if r["status"] in ("base", "promoted", "saved", "rolled_back")
