@@ -255,7 +255,7 @@ def trained_by_kind(r, keys: Keys, stream: list[LabeledQuestion]) -> dict[str, d
     for _, fields in r.xrange(keys.groups):
         group = ScoredGroup.from_stream(fields)
         q = kind_of.get(group.messages[-1]["content"])
-        if q is None:  # not a stream prompt (none are, in these arms)
+        if q is None:  # not a stream prompt: the arms send none, kept for safety
             continue
         c = counts[q.kind]
         c["groups"] += 1
