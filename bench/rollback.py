@@ -27,11 +27,16 @@ Prints a table, writes bench/results/rollback.json.
 import argparse
 import json
 import random
+import sys
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from strop.settings import Settings  # noqa: E402
+
 MIN_SAMPLES = (20, 32, 64, 96, 128)
 
 
@@ -39,7 +44,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--groups", type=Path, default=HERE / "results/group-rewards-oracle60.json")
     p.add_argument("--draws", type=int, default=20_000)
-    p.add_argument("--margin", type=float, default=0.15, help="STROP_ROLLBACK_MARGIN")
+    p.add_argument("--margin", type=float, default=Settings().rollback_margin)
     p.add_argument("--previous-groups", type=int, default=19)
     p.add_argument("--new-groups", type=int, default=16)
     p.add_argument("--versions-per-hour", type=int, default=12)
