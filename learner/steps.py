@@ -24,7 +24,7 @@ import torch
 
 from learner.args import Args
 from learner.logprobs import build_batch, reference_logps, token_logps
-from learner.losses import dpo_loss, group_advantages, grpo_loss
+from learner.losses import dpo_loss, group_advantages, grpo_loss, length_shaped
 from learner.policy import Policy
 from strop.records import PreferencePair, ScoredGroup
 from strop.versions import BASE, version_number
@@ -65,11 +65,13 @@ def grpo_step(
     clip_eps: float,
     kl_coef: float,
     proximal: dict[str, torch.Tensor] | None = None,
+    length_reward: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float], float]:
     """GRPO loss of some groups (ratio to each group's behaviour version, or decoupled when
     `proximal` is given; KL to the base model): (loss, metrics, completion tokens it is a
     mean over). `proximal` keeps the log-probs of the batch's first step across its
-    `grpo_iterations` steps, by group id: PPO's old policy."""
+    `grpo_iterations` steps, by group id: PPO's old policy. `length_reward`: weight of the
+    length term added to the rewards before the advantages (`length_shaped`)."""
     model = policy.model
     rows = [(g, i) for g in groups for i in range(len(g.completions))]
     completions = [
@@ -106,9 +108,15 @@ def grpo_step(
     if proximal is not None:  # the first step's weights are the proximal policy
         proximal_logps = proximal.setdefault(groups[0].group_id, logps.detach())  # (B*G, T)
     # advantages per group (groups may differ in size), in row order
-    advantages = torch.cat(
-        [group_advantages(torch.tensor([g.rewards], dtype=torch.float32)) for g in groups]
-    ).to(logps.device)  # (B*G,)
+    lengths = mask.sum(dim=1).cpu()  # (B*G,) completion tokens per row
+    advantages, row = [], 0
+    for g in groups:
+        n = len(g.rewards)
+        rewards = torch.tensor([g.rewards], dtype=torch.float32)  # (1, G)
+        shaped = length_shaped(rewards, lengths[row : row + n].unsqueeze(0), length_reward)
+        advantages.append(group_advantages(shaped))  # (G,)
+        row += n
+    advantages = torch.cat(advantages).to(logps.device)  # (B*G,)
     weights = torch.tensor([g.weight for g, _ in rows], dtype=logps.dtype).to(logps.device)
     loss, metrics = grpo_loss(
         logps,
@@ -143,7 +151,11 @@ def backward(
         loss_fn = partial(dpo_step, beta=args.dpo_beta, loss_type=args.dpo_loss)
     else:
         loss_fn = partial(
-            grpo_step, clip_eps=args.grpo_clip, kl_coef=args.grpo_kl_coef, proximal=proximal
+            grpo_step,
+            clip_eps=args.grpo_clip,
+            kl_coef=args.grpo_kl_coef,
+            proximal=proximal,
+            length_reward=args.grpo_length_reward,
         )
     parts, total = [], 0.0
     for i in range(0, len(records), size):

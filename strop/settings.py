@@ -216,6 +216,11 @@ class Settings(BaseSettings):
     served version's lag with a capped importance weight (AReaL's decoupled loss), instead
     of clipping against the served version that sampled the group. Off: on small-cpu it
     moved the model further per version but scored lower (bench/README.md)."""
+    grpo_length_reward: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Weight of Kimi k1.5's length reward, added to each GRPO group's rewards before the
+    advantages: within a group the shortest answer gains weight/2, the longest loses
+    weight/2 (wrong answers only lose). Below 1, every right answer still out-scores every
+    wrong one."""
     max_staleness: int = 2
     """GRPO groups sampled more than this many versions before the one trained on are
     dropped (and counted)."""

@@ -28,6 +28,37 @@ def group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
     return advantages.reshape(-1)  # (B*G,)
 
 
+def length_shaped(rewards: Tensor, lengths: Tensor, weight: float) -> Tensor:
+    """Rewards plus Kimi k1.5's length reward (Kimi Team 2025, Sec. 2.3.3), group by group:
+    the shortest answer earns +weight/2 and the longest -weight/2, linearly between.
+
+        lam_i = 0.5 - (len_i - min_len) / (max_len - min_len)      (0 if all lengths are equal)
+        r_i  += weight * lam_i           if r_i is above its group's mean
+        r_i  += weight * min(0, lam_i)   otherwise
+
+    So a short right answer beats a long right one and a long wrong answer is pushed down,
+    but a short wrong answer is never paid for being short. With weight < 1 every right
+    answer of a 0/1 group still out-scores every wrong one.
+
+    Args:
+        rewards: one reward per completion, a row per prompt. Shape: (B, G)
+        lengths: completion lengths in tokens. Shape: (B, G)
+        weight: the length reward's weight; 0 returns `rewards` unchanged.
+
+    Returns:
+        the shaped rewards. Shape: (B, G)
+    """
+    if weight == 0:
+        return rewards
+    lengths = lengths.to(rewards.dtype)
+    shortest = lengths.min(dim=1, keepdim=True).values  # (B, 1)
+    spread = lengths.max(dim=1, keepdim=True).values - shortest  # (B, 1)
+    lam = 0.5 - (lengths - shortest) / spread.clamp(min=1)  # (B, G)
+    lam = lam.masked_fill(spread == 0, 0.0)  # (B, G)
+    above = rewards > rewards.mean(dim=1, keepdim=True)  # (B, G)
+    return rewards + weight * torch.where(above, lam, lam.clamp(max=0.0))  # (B, G)
+
+
 def grpo_loss(
     logps: Tensor,
     behaviour_logps: Tensor,

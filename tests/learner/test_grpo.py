@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from learner.logprobs import build_batch, reference_logps, sequence_logps, token_logps
-from learner.losses.grpo import group_advantages, grpo_loss
+from learner.losses.grpo import group_advantages, grpo_loss, length_shaped
 
 # Two completions of three tokens; A = +1 for the first, -1 for the second; the second's
 # last token is padding (masked), filled with values that would change every metric.
@@ -124,6 +124,19 @@ def test_group_advantages_matches_hand_computation_and_equal_group_is_zero():
 
 def test_group_advantages_single_completion_group_is_zero_not_nan():
     assert group_advantages(torch.tensor([[0.7], [0.1]])).tolist() == [0.0, 0.0]
+
+
+def test_length_reward_ranks_short_right_answers_first_and_never_pays_a_wrong_one():
+    rewards = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    lengths = torch.tensor([[10, 50, 10, 50], [20, 20, 20, 20]])
+
+    shaped = length_shaped(rewards, lengths, weight=0.5)
+
+    # shortest right +0.25, longest right -0.25; the short wrong one gains nothing
+    assert shaped[0].tolist() == pytest.approx([1.25, 0.75, 0.0, -0.25])
+    assert shaped[1].tolist() == [1.0] * 4  # equal lengths: unchanged, still no signal
+    assert min(shaped[0, :2]) > max(shaped[0, 2:])  # every right answer above every wrong
+    assert length_shaped(rewards, lengths, weight=0.0) is rewards
 
 
 PROMPT = [{"role": "user", "content": "Is the sky blue? Answer briefly."}]
