@@ -81,13 +81,22 @@ def grpo_step(
         for g, i in rows
     ]
     eos = policy.tokenizer.eos_token_id
+    # eos follows a completion the model ended, never one cut at max_tokens: an eos there
+    # would train "stop" (or "do not stop") where the model did neither; logged ids that
+    # end with eos already have it
+    ended = [
+        g.completion_finished[i] if len(g.completion_finished) == len(g.completions) else True
+        for g, i in rows
+    ]
     batch = build_batch(
         policy.tokenizer,
         [g.messages for g, _ in rows],
         completions,
         max_len,
-        # logged ids that end with eos already have it
-        append_eos=[not (isinstance(c, list) and c and c[-1] == eos) for c in completions],
+        append_eos=[
+            e and not (isinstance(c, list) and c and c[-1] == eos)
+            for e, c in zip(ended, completions, strict=True)
+        ],
     )
     mask = batch["completion_mask"]  # (B*G, T)
     ref = reference_logps(model, batch)  # (B*G, T), adapter disabled, no grad

@@ -113,6 +113,9 @@ class ScoredGroup(Record):
     completions: list[str]
     completion_token_ids: list[list[int]] = Field(default_factory=list)
     token_logprobs: list[list[float]] = Field(default_factory=list)
+    # one per completion: False where the engine cut it at max_tokens, so no eos follows
+    # it; empty: not known (groups written before 2026-12-07), every one taken as ended
+    completion_finished: list[bool] = Field(default_factory=list)
     rewards: list[float]
     version: str  # the behaviour policy: `base` or `vN`
     method: Literal["ttrl", "judge", "gold"]

@@ -96,6 +96,7 @@ class Samples:
     version: str  # `base` or `vN`
     texts: tuple[str, ...]
     token_logprobs: tuple[tuple[float, ...], ...]
+    finished: tuple[bool, ...] = ()  # per answer: ended by the model, not cut at max_tokens
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ def build_group(
             trusted=not is_flagged(
                 r, keys, record.key_id, s.feedback_trust_min, s.feedback_trust_margin
             ),
+            finished=samples.finished,
         )
         group, pair, drop, rewards = lab.group, lab.pair, lab.drop, lab.sampled_rewards
         if lab.agreed is not None:  # counted with the group: once, however often it runs
@@ -265,6 +267,7 @@ def sample(ctx: WorkerContext, messages: list[dict[str, Any]], deadline: float) 
             tuple(t.logprob for t in (c.logprobs.content or [])) if c.logprobs else ()
             for c in choices
         ),
+        finished=tuple(c.finish_reason == "stop" for c in choices),
     )
 
 
@@ -485,6 +488,7 @@ def make_records(
         completions=texts,
         completion_token_ids=[],  # not available over the OpenAI API
         token_logprobs=logprobs,
+        completion_finished=[samples.finished[i] for i in scored.kept] if samples.finished else [],
         rewards=list(scored.rewards),
         version=samples.version,
         method=scored.method,

@@ -120,9 +120,11 @@ def label_with_feedback(
     prompt: str,
     s: Settings,
     trusted: bool = True,
+    finished: tuple[bool, ...] = (),
 ) -> Labelled:
     """The group and pair of a prompt whose caller gave feedback (see the module docstring);
-    `trusted` False: of a flagged key, whose feedback changes nothing but is still rated."""
+    `trusted` False: of a flagged key, whose feedback changes nothing but is still rated.
+    `finished`: per sample, whether the model ended it (not cut at max_tokens)."""
     answers = list(scored.answers)
     vote: VoteResult = scored.vote or majority_vote(vote_answers(texts, prompt, answers))
     obs: list[Obs] = []
@@ -171,6 +173,7 @@ def label_with_feedback(
         method = scored.method
     comp = [texts[i] for i in kept]
     lps = [list(logprobs[i]) for i in kept]
+    ended = [finished[i] for i in kept] if finished else []
     sampled = list(rewards)
     served_reward = None
     if score is not None:
@@ -178,6 +181,8 @@ def label_with_feedback(
         comp.append(served)
         lps.append([])  # not sampled by the worker: the learner recomputes it anyway
         rewards.append(served_reward)
+        reasons = record.finish_reasons
+        ended.append(reasons[fb.choice] == "stop" if fb.choice < len(reasons) else True)
     fb_json = fb.model_dump(mode="json")
     w = s.feedback_weight if trusted else min(1.0, s.feedback_weight)
     drop = "no_signal" if len(set(rewards)) < 2 else None
@@ -191,6 +196,7 @@ def label_with_feedback(
             messages=record.messages,
             completions=comp,
             token_logprobs=lps,
+            completion_finished=ended if finished else [],
             rewards=rewards,
             version=version,
             method=method,

@@ -72,6 +72,23 @@ def test_grpo_step_base_groups_fresh_lora_ratio_one_and_token_count(make_learner
     assert loss.requires_grad
 
 
+def test_grpo_step_trains_no_eos_after_an_answer_cut_at_max_tokens(make_learner):
+    # an answer the engine cut off did not end there: an eos after it would train the model
+    # to stop (or, with a negative advantage, not to stop) where it did neither
+    learner = make_learner(algorithm="grpo")
+    ended = group(1, "base").model_copy(update={"completion_finished": [True] * 4})
+    cut = ended.model_copy(update={"completion_finished": [True, False, True, False]})
+    unknown = group(1, "base")  # written before finish reasons were kept: all taken as ended
+
+    counts = [
+        steps.grpo_step(learner.policy, [g], max_len=256, clip_eps=0.2, kl_coef=0.04)[2]
+        for g in (ended, cut, unknown)
+    ]
+
+    assert counts[1] == counts[0] - 2  # two cut answers: two eos tokens fewer
+    assert counts[2] == counts[0]
+
+
 def test_grpo_step_decoupled_keeps_the_first_steps_weights_as_proximal(make_learner):
     # grpo_iterations > 1: the batch's second step clips against the weights before its
     # first, as PPO does; a new batch (a new store) starts from the weights it finds

@@ -81,6 +81,7 @@ def test_worker_logged_prompts_become_groups_and_pairs(
         assert [len(lp) for lp in g.token_logprobs] == [1] * 9
         assert all(abs(lp[0] + 0.6931) < 1e-3 for lp in g.token_logprobs)
         assert g.completion_token_ids == []
+        assert g.completion_finished == [False] * 9  # cut at max_tokens=1: no eos after them
         p = next(p for p in ps if p.group_id == g.group_id)
         assert (p.chosen, p.rejected) == (g.majority_label, "21"[int(g.majority_label) - 1])
         assert (p.chosen_reward, p.rejected_reward) == (1.0, 0.0)
