@@ -117,15 +117,15 @@ def grpo_step(
     if proximal is not None:  # the first step's weights are the proximal policy
         proximal_logps = proximal.setdefault(groups[0].group_id, logps.detach())  # (B*G, T)
     # advantages per group (groups may differ in size), in row order
-    lengths = mask.sum(dim=1).cpu()  # (B*G,) completion tokens per row
-    advantages, row = [], 0
-    for g in groups:
-        n = len(g.rewards)
-        rewards = torch.tensor([g.rewards], dtype=torch.float32)  # (1, G)
-        shaped = length_shaped(rewards, lengths[row : row + n].unsqueeze(0), length_reward)
-        advantages.append(group_advantages(shaped))  # (G,)
-        row += n
-    advantages = torch.cat(advantages).to(logps.device)  # (B*G,)
+    lengths = mask.sum(dim=1).cpu().split([len(g.rewards) for g in groups])  # (G,) per group
+    advantages = torch.cat(
+        [
+            group_advantages(
+                length_shaped(torch.tensor([g.rewards]), n.unsqueeze(0), length_reward)
+            )
+            for g, n in zip(groups, lengths, strict=True)
+        ]
+    ).to(logps.device)  # (B*G,)
     weights = torch.tensor([g.weight for g, _ in rows], dtype=logps.dtype).to(logps.device)
     loss, metrics = grpo_loss(
         logps,
