@@ -42,6 +42,8 @@ def dpo_step(
         [p.messages for p in pairs] * 2,
         [p.chosen for p in pairs] + [p.rejected for p in pairs],
         max_len,
+        # eos only after a side the model ended, not one cut at max_tokens (as in GRPO)
+        append_eos=[p.chosen_finished for p in pairs] + [p.rejected_finished for p in pairs],
     )
     ref = reference_logps(model, batch)  # (2B, T), adapter disabled, no grad
     logps = token_logps(model, batch)  # (2B, T)

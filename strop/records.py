@@ -138,6 +138,10 @@ class PreferencePair(Record):
     rejected_reward: float
     version: str
     method: Literal["ttrl", "judge", "gold"]
+    # whether the model ended each side (finish_reason "stop"), not cut at max_tokens:
+    # the learner appends eos only after an ended side; True for pairs older than the flags
+    chosen_finished: bool = True
+    rejected_finished: bool = True
     weight: float = 1.0  # multiplies the pair's loss: `feedback_weight` with user feedback
     feedback: dict[str, Any] | None = None  # the FeedbackRecord it was built with, if any
     time: float = Field(default_factory=time.time)

@@ -510,6 +510,8 @@ def make_records(
         rejected_reward=p.rejected_reward,
         version=samples.version,
         method=scored.method,
+        chosen_finished=group.completion_finished[p.chosen] if samples.finished else True,
+        rejected_finished=group.completion_finished[p.rejected] if samples.finished else True,
     )
     return group, pair
 

@@ -173,7 +173,10 @@ def label_with_feedback(
         method = scored.method
     comp = [texts[i] for i in kept]
     lps = [list(logprobs[i]) for i in kept]
-    ended = [finished[i] for i in kept] if finished else []
+    # per completion: the model ended it (True where the worker did not say)
+    ended = [finished[i] if finished else True for i in kept]
+    reasons = record.finish_reasons
+    served_ended = reasons[fb.choice] == "stop" if 0 <= fb.choice < len(reasons) else True
     sampled = list(rewards)
     served_reward = None
     if score is not None:
@@ -181,8 +184,7 @@ def label_with_feedback(
         comp.append(served)
         lps.append([])  # not sampled by the worker: the learner recomputes it anyway
         rewards.append(served_reward)
-        reasons = record.finish_reasons
-        ended.append(reasons[fb.choice] == "stop" if fb.choice < len(reasons) else True)
+        ended.append(served_ended)
     fb_json = fb.model_dump(mode="json")
     w = s.feedback_weight if trusted else min(1.0, s.feedback_weight)
     drop = "no_signal" if len(set(rewards)) < 2 else None
@@ -196,7 +198,7 @@ def label_with_feedback(
             messages=record.messages,
             completions=comp,
             token_logprobs=lps,
-            completion_finished=ended if finished else [],
+            completion_finished=ended,
             rewards=rewards,
             version=version,
             method=method,
@@ -209,11 +211,11 @@ def label_with_feedback(
     pick = (
         None  # a flagged key's dropped group: no pair either, as without feedback
         if drop is not None and not trusted
-        else _pair(comp, rewards, sampled, served, served_reward, fb_used, s)
+        else _pair(comp, rewards, ended, sampled, served, served_reward, served_ended, fb_used, s)
     )
     pair = None
     if pick is not None:
-        chosen, rejected, rc, rr = pick
+        chosen, rejected, rc, rr, chosen_ended, rejected_ended = pick
         pair = PreferencePair(
             group_id=gid,
             messages=record.messages,
@@ -223,6 +225,8 @@ def label_with_feedback(
             rejected_reward=rr,
             version=version,
             method=method,
+            chosen_finished=chosen_ended,
+            rejected_finished=rejected_ended,
             weight=w,
             feedback=fb_json,
         )
@@ -232,34 +236,37 @@ def label_with_feedback(
 def _pair(
     comp: list[str],
     rewards: list[float],
+    ended: list[bool],
     sampled: list[float],
     served: str | None,
     served_reward: float | None,
+    served_ended: bool,
     fb: FeedbackRecord,
     s: Settings,
-) -> tuple[str, str, float, float] | None:
-    """(chosen, rejected, their rewards): the user's preferred reply over the served one,
-    else the rated served reply against the sampled alternative furthest from it, else the
-    group's own pair."""
+) -> tuple[str, str, float, float, bool, bool] | None:
+    """(chosen, rejected, their rewards, whether the model ended each): the user's preferred
+    reply over the served one, else the rated served reply against the sampled alternative
+    furthest from it, else the group's own pair."""
     preferred = (fb.preferred or "").strip()
     if preferred and served is not None and preferred != served.strip():
-        return fb.preferred, served, 1.0, 0.0
+        return fb.preferred, served, 1.0, 0.0, True, served_ended  # the user's reply is whole
     if served_reward is not None:
         # an alternative that reads the same as the served reply teaches nothing
         others = [j for j in range(len(sampled)) if comp[j].strip() != served.strip()]
         if others and fb.score > 0:
             j = min(others, key=sampled.__getitem__)
             if sampled[j] < served_reward:
-                return served, comp[j], served_reward, sampled[j]
+                return served, comp[j], served_reward, sampled[j], served_ended, ended[j]
         elif others and fb.score < 0:
             j = max(others, key=sampled.__getitem__)
             if sampled[j] > served_reward:
-                return comp[j], served, sampled[j], served_reward
+                return comp[j], served, sampled[j], served_reward, ended[j], served_ended
         return None
     p = select_pair(comp, rewards, s.pair_min_margin, s.length_tolerance)
     if p is None:
         return None
-    return comp[p.chosen], comp[p.rejected], p.chosen_reward, p.rejected_reward
+    c, r = p.chosen, p.rejected
+    return comp[c], comp[r], p.chosen_reward, p.rejected_reward, ended[c], ended[r]
 
 
 # --- late feedback: the feedback stream --------------------------------------------------

@@ -72,6 +72,25 @@ def test_grpo_step_base_groups_fresh_lora_ratio_one_and_token_count(make_learner
     assert loss.requires_grad
 
 
+def test_dpo_step_trains_no_eos_after_a_side_cut_at_max_tokens(make_learner):
+    # as in GRPO: a side the engine cut off is scored without the eos it never sampled
+    learner = make_learner()
+    learner.start()
+    with torch.no_grad():  # leave LoRA's zero start, so the implicit rewards are not 0
+        for p in learner.policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ended = pair(1)
+    cut = ended.model_copy(update={"chosen_finished": False})
+
+    def rewards(p):
+        m = steps.dpo_step(learner.policy, [p], max_len=256, beta=0.1, loss_type="sigmoid")[1]
+        return m["rewards/chosen"], m["rewards/rejected"]
+
+    (c_ended, r_ended), (c_cut, r_cut) = rewards(ended), rewards(cut)
+    assert abs(c_cut - c_ended) > 1e-6  # the chosen side lost its eos term
+    assert r_cut == pytest.approx(r_ended, abs=1e-7)  # the rejected side still ends
+
+
 def test_grpo_step_trains_no_eos_after_an_answer_cut_at_max_tokens(make_learner):
     # an answer the engine cut off did not end there: an eos after it would train the model
     # to stop (or, with a negative advantage, not to stop) where it did neither

@@ -130,10 +130,10 @@ def test_worker_feedback_through_endpoint_and_opted_out_never_trained(
 # --- thumbs and preferred: the pair ------------------------------------------------------
 
 
-def _labelled(worker_settings, texts: list[str], **verdict):
-    record = PromptLogRecord.from_stream(log_record("Pick: 1 or 2?"))
+def _labelled(worker_settings, texts: list[str], finished=(), reasons=(), **verdict):
+    record = PromptLogRecord.from_stream(log_record("Pick: 1 or 2?", finish_reasons=reasons))
     fb = FeedbackRecord(request_id=record.request_id, key_id="test", **verdict)
-    samples = Samples("base", "base", tuple(texts), tuple(() for _ in texts))
+    samples = Samples("base", "base", tuple(texts), tuple(() for _ in texts), finished=finished)
     scored = score_ttrl(samples, list(texts), len(texts), 0.3, "Pick: 1 or 2?")
     return label_with_feedback(
         "g",
@@ -146,6 +146,7 @@ def _labelled(worker_settings, texts: list[str], **verdict):
         scored,
         "",
         worker_settings,
+        finished=tuple(finished),
     )
 
 
@@ -160,6 +161,17 @@ def test_thumbs_rate_served_reply_it_joins_group_and_forms_pair(worker_settings)
     up = _labelled(worker_settings, ["2", "2", "1"], score=1.0)
     assert up.group.rewards == [0.0, 0.0, 1.0, 1.0] and up.group.method == "gold"
     assert (up.pair.chosen, up.pair.rejected, up.pair.weight) == ("1", "2", 2.0)
+
+
+def test_feedback_pair_sides_keep_whether_the_model_ended_them(worker_settings):
+    # the served reply was cut at max_tokens; of the samples, the "2" was cut too
+    kw = dict(finished=(True, True, False), reasons=["length"])
+    down = _labelled(worker_settings, ["1", "1", "2"], score=-1.0, **kw)
+    assert down.group.completion_finished == [True, True, False, False]
+    assert (down.pair.chosen, down.pair.chosen_finished) == ("2", False)
+    assert (down.pair.rejected, down.pair.rejected_finished) == ("1", False)
+    better = _labelled(worker_settings, ["1", "2", "1"], preferred="2, I think", **kw)
+    assert (better.pair.chosen_finished, better.pair.rejected_finished) == (True, False)
 
 
 def test_preferred_reply_is_the_chosen_side_served_the_rejected(worker_settings):

@@ -85,6 +85,7 @@ def test_worker_logged_prompts_become_groups_and_pairs(
         p = next(p for p in ps if p.group_id == g.group_id)
         assert (p.chosen, p.rejected) == (g.majority_label, "21"[int(g.majority_label) - 1])
         assert (p.chosen_reward, p.rejected_reward) == (1.0, 0.0)
+        assert (p.chosen_finished, p.rejected_finished) == (False, False)
 
     # monitoring: per version and minute, in Redis and in Prometheus
     built_series = read_series(r, keys, "built")
