@@ -78,6 +78,6 @@ class Args:
             keys += ["dpo_beta", "dpo_loss"]
         else:
             keys += ["grpo_clip", "grpo_kl_coef", "grpo_iterations", "grpo_decoupled"]
-            keys += ["grpo_length_reward"]
+            keys += ["grpo_length_reward", "grpo_overlong_penalty"]
             keys += ["max_staleness"]
         return {k: getattr(self, k) for k in keys}

@@ -24,7 +24,7 @@ import torch
 
 from learner.args import Args
 from learner.logprobs import build_batch, reference_logps, token_logps
-from learner.losses import dpo_loss, group_advantages, grpo_loss, length_shaped
+from learner.losses import dpo_loss, group_advantages, grpo_loss, length_shaped, overlong_shaped
 from learner.policy import Policy
 from strop.records import PreferencePair, ScoredGroup
 from strop.versions import BASE, version_number
@@ -68,12 +68,14 @@ def grpo_step(
     kl_coef: float,
     proximal: dict[str, torch.Tensor] | None = None,
     length_reward: float = 0.0,
+    overlong_penalty: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float], float]:
     """GRPO loss of some groups (ratio to each group's behaviour version, or decoupled when
     `proximal` is given; KL to the base model): (loss, metrics, completion tokens it is a
     mean over). `proximal` keeps the log-probs of the batch's first step across its
     `grpo_iterations` steps, by group id: PPO's old policy. `length_reward`: weight of the
-    length term added to the rewards before the advantages (`length_shaped`)."""
+    length term added to the rewards before the advantages (`length_shaped`);
+    `overlong_penalty`: what an answer cut at max_tokens loses first (`overlong_shaped`)."""
     model = policy.model
     rows = [(g, i) for g in groups for i in range(len(g.completions))]
     completions = [
@@ -119,13 +121,19 @@ def grpo_step(
     if proximal is not None:  # the first step's weights are the proximal policy
         proximal_logps = proximal.setdefault(groups[0].group_id, logps.detach())  # (B*G, T)
     # advantages per group (groups may differ in size), in row order
-    lengths = mask.sum(dim=1).cpu().split([len(g.rewards) for g in groups])  # (G,) per group
+    sizes = [len(g.rewards) for g in groups]
+    lengths = mask.sum(dim=1).cpu().split(sizes)  # (G,) per group
+    finished = torch.tensor(ended).split(sizes)  # (G,) per group
     advantages = torch.cat(
         [
             group_advantages(
-                length_shaped(torch.tensor([g.rewards]), n.unsqueeze(0), length_reward)
+                length_shaped(
+                    overlong_shaped(torch.tensor([g.rewards]), f.unsqueeze(0), overlong_penalty),
+                    n.unsqueeze(0),
+                    length_reward,
+                )
             )
-            for g, n in zip(groups, lengths, strict=True)
+            for g, n, f in zip(groups, lengths, finished, strict=True)
         ]
     ).to(logps.device)  # (B*G,)
     weights = torch.tensor([g.weight for g, _ in rows], dtype=logps.dtype).to(logps.device)
@@ -167,6 +175,7 @@ def backward(
             kl_coef=args.grpo_kl_coef,
             proximal=proximal,
             length_reward=args.grpo_length_reward,
+            overlong_penalty=args.grpo_overlong_penalty,
         )
     parts, total = [], 0.0
     for i in range(0, len(records), size):

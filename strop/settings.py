@@ -221,6 +221,10 @@ class Settings(BaseSettings):
     advantages: within a group the shortest answer gains weight/2, the longest loses
     weight/2 (wrong answers only lose). Below 1, every right answer still out-scores every
     wrong one."""
+    grpo_overlong_penalty: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """What a GRPO answer the engine cut at max_tokens loses from its reward before the
+    advantages (DAPO's overlong punishment): a right answer that ended beats a right one
+    that ran out. Below 1, every right answer still out-scores every wrong one."""
     max_staleness: int = 2
     """GRPO groups sampled more than this many versions before the one trained on are
     dropped (and counted)."""

@@ -59,6 +59,28 @@ def length_shaped(rewards: Tensor, lengths: Tensor, weight: float) -> Tensor:
     return rewards + weight * torch.where(above, lam, lam.clamp(max=0.0))  # (B, G)
 
 
+def overlong_shaped(rewards: Tensor, finished: Tensor, penalty: float) -> Tensor:
+    """Rewards less DAPO's overlong punishment (Yu et al. 2025, Sec. 3.4) in its plainest
+    form: every completion the engine cut at max_tokens loses `penalty`.
+
+    A group whose right answers all ran to the limit still learns which one is right, but a
+    right answer that ended beats a right one that was cut, so the model learns to finish
+    within the budget. With penalty < 1 every right answer of a 0/1 group still out-scores
+    every wrong one.
+
+    Args:
+        rewards: one reward per completion, a row per prompt. Shape: (B, G)
+        finished: True where the model ended the completion itself. Shape: (B, G)
+        penalty: what a cut completion loses; 0 returns `rewards` unchanged.
+
+    Returns:
+        the shaped rewards. Shape: (B, G)
+    """
+    if penalty == 0:
+        return rewards
+    return rewards - penalty * (~finished).to(rewards.dtype)  # (B, G)
+
+
 def grpo_loss(
     logps: Tensor,
     behaviour_logps: Tensor,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from learner.logprobs import build_batch, reference_logps, sequence_logps, token_logps
-from learner.losses.grpo import group_advantages, grpo_loss, length_shaped
+from learner.losses.grpo import group_advantages, grpo_loss, length_shaped, overlong_shaped
 
 # Two completions of three tokens; A = +1 for the first, -1 for the second; the second's
 # last token is padding (masked), filled with values that would change every metric.
@@ -137,6 +137,18 @@ def test_length_reward_ranks_short_right_answers_first_and_never_pays_a_wrong_on
     assert shaped[1].tolist() == [1.0] * 4  # equal lengths: unchanged, still no signal
     assert min(shaped[0, :2]) > max(shaped[0, 2:])  # every right answer above every wrong
     assert length_shaped(rewards, lengths, weight=0.0) is rewards
+
+
+def test_overlong_penalty_ranks_a_right_answer_that_ended_above_one_that_was_cut():
+    rewards = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    finished = torch.tensor([[True, False, True, False]])
+
+    shaped = overlong_shaped(rewards, finished, penalty=0.5)
+
+    assert shaped.tolist() == [[1.0, 0.5, 0.0, -0.5]]
+    advantages = group_advantages(shaped)
+    assert advantages[0] > advantages[1] > 0 > advantages[2] > advantages[3]
+    assert overlong_shaped(rewards, finished, penalty=0.0) is rewards
 
 
 PROMPT = [{"role": "user", "content": "Is the sky blue? Answer briefly."}]

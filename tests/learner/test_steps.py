@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from learner import steps
+from learner.logprobs import build_batch, sequence_logps
 from tests.learner.harness import group, pair
 
 
@@ -106,6 +107,35 @@ def test_grpo_step_trains_no_eos_after_an_answer_cut_at_max_tokens(make_learner)
 
     assert counts[1] == counts[0] - 2  # two cut answers: two eos tokens fewer
     assert counts[2] == counts[0]
+
+
+def test_grpo_step_overlong_penalty_teaches_a_cut_right_answer_less(make_learner):
+    # answers 0 and 2 are right; the engine cut answer 2 at max_tokens. With the penalty
+    # one step makes it less likely than the same step without: it is rewarded, but less
+    learner = make_learner(algorithm="grpo")
+    learner.start()
+    g = group(1, "base").model_copy(update={"completion_finished": [True, True, False, True]})
+    params = learner.policy.trainable_parameters()
+    start = [p.detach().clone() for p in params]
+    batch = build_batch(learner.policy.tokenizer, [g.messages], [g.completions[2]], 256, False)
+
+    def cut_answer_logp_after_a_step(penalty: float) -> float:
+        with torch.no_grad():
+            for p, p0 in zip(params, start, strict=True):
+                p.copy_(p0)
+                p.grad = None
+        loss, _, _ = steps.grpo_step(
+            learner.policy, [g], max_len=256, clip_eps=0.2, kl_coef=0.0, overlong_penalty=penalty
+        )
+        loss.backward()
+        with torch.no_grad():
+            for p in params:
+                p.add_(-0.05 * p.grad)
+            return sequence_logps(learner.policy.model, batch).item()
+
+    plain, penalised = cut_answer_logp_after_a_step(0.0), cut_answer_logp_after_a_step(0.5)
+
+    assert penalised < plain - 1e-3
 
 
 def test_grpo_step_decoupled_keeps_the_first_steps_weights_as_proximal(make_learner):
