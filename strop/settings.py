@@ -320,6 +320,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # one group per optimizer step: the same 16 groups per version as 4 x 4, for the same
     # compute, but 16 Adam steps instead of 4; held-out pass@1 0.094 -> 0.228 in 55 minutes
     # against 0.138 in 54 (bench/README.md, "One group per step, 60 minutes")
+    # and a right answer cut at 96 tokens earns half a right one that ended: 0.172 at 30
+    # minutes against 0.138 without, in one sitting (bench/README.md, "DAPO's overlong
+    # penalty")
     "small-cpu": {
         "n_votes": 8,
         "sample_max_tokens": 96,
@@ -327,6 +330,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "steps_per_version": 16,
         "ingest_interval_s": 2.0,
         "gate_vote_n": 8,
+        "grpo_overlong_penalty": 0.5,
     },
 }
 

@@ -14,6 +14,8 @@ def test_small_cpu_profile_sizes_the_loop_and_explicit_values_win(monkeypatch):
     assert s.n_votes == 12  # given by its own variable: the profile does not touch it
     assert s.sample_max_tokens == PROFILES["small-cpu"]["sample_max_tokens"] == 96
     assert s.batch_size == 1 and s.steps_per_version == 16
+    assert s.grpo_overlong_penalty == 0.5  # a cut answer loses half a point of reward
+    assert Settings(profile="gpu").grpo_overlong_penalty == 0.0
     assert Settings(profile="gpu").sample_max_tokens == 256  # the class defaults
 
 
