@@ -124,18 +124,12 @@ def grpo_step(
     sizes = [len(g.rewards) for g in groups]
     lengths = mask.sum(dim=1).cpu().split(sizes)  # (G,) per group
     finished = torch.tensor(ended).split(sizes)  # (G,) per group
-    advantages = torch.cat(
-        [
-            group_advantages(
-                length_shaped(
-                    overlong_shaped(torch.tensor([g.rewards]), f.unsqueeze(0), overlong_penalty),
-                    n.unsqueeze(0),
-                    length_reward,
-                )
-            )
-            for g, n, f in zip(groups, lengths, finished, strict=True)
-        ]
-    ).to(logps.device)  # (B*G,)
+    per_group = []
+    for g, n, f in zip(groups, lengths, finished, strict=True):
+        rewards = overlong_shaped(torch.tensor([g.rewards]), f.unsqueeze(0), overlong_penalty)
+        rewards = length_shaped(rewards, n.unsqueeze(0), length_reward)  # (1, G)
+        per_group.append(group_advantages(rewards))  # (G,)
+    advantages = torch.cat(per_group).to(logps.device)  # (B*G,)
     weights = torch.tensor([g.weight for g, _ in rows], dtype=logps.dtype).to(logps.device)
     loss, metrics = grpo_loss(
         logps,
