@@ -196,6 +196,14 @@ def run_loop_arm(
                 asked.append(pool.submit(ask, q, fb is not None and i in rated))
                 sent += 1
                 time.sleep(1.0)
+            # A fast arm can send the whole stream early; it keeps its wall clock, so the
+            # backlog still becomes versions and arms are compared at the same minutes.
+            ran_out = None if sent < len(stream) else (time.time() - start) / 60
+            if ran_out is not None and ran_out < minutes:
+                print(
+                    f"[{name}] stream sent by {ran_out:.1f} min; waiting out the clock", flush=True
+                )
+                time.sleep(max(0.0, minutes * 60 - (time.time() - start)))
         # a failed request is one prompt less, as before: no feedback on it either
         rates = [f.result() for f in asked if f.exception() is None and f.result() is not None]
         feedback = {"sent": len(rates), "accepted": sum(rates)} if fb is not None else None
@@ -225,6 +233,7 @@ def run_loop_arm(
         return {
             "start": start,
             "sent": sent,
+            "stream_ran_out_min": ran_out,
             "feedback": feedback,
             "trained_by_kind": by_kind,
             "versions": [
@@ -552,7 +561,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     if len(results) > 10:  # the default cycle has 10 colours: two arms would share one
         ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for arm, res in results.items():
@@ -564,7 +573,8 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(base["maj8"], linestyle=":", color="grey", label="base maj@8")
     ax.set_xlabel("minutes of traffic")
     ax.set_ylabel("held-out pass@1 (T=1)")
-    ax.legend()
+    # beside the axes: with a dozen arms a legend inside hides the lines it names
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
