@@ -198,8 +198,9 @@ def run_loop_arm(
                 time.sleep(1.0)
             # A fast arm can send the whole stream early; it keeps its wall clock, so the
             # backlog still becomes versions and arms are compared at the same minutes.
-            ran_out = None if sent < len(stream) else (time.time() - start) / 60
-            if ran_out is not None and ran_out < minutes:
+            elapsed = (time.time() - start) / 60
+            ran_out = elapsed if sent == len(stream) and elapsed < minutes else None
+            if ran_out is not None:
                 print(
                     f"[{name}] stream sent by {ran_out:.1f} min; waiting out the clock", flush=True
                 )
