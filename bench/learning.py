@@ -210,9 +210,14 @@ def run_loop_arm(
         feedback = {"sent": len(rates), "accepted": sum(rates)} if fb is not None else None
         if fb is not None:
             fb.close()
-        versions = Registry(r, keys).all()
+        # Leaving the pool waits for the last requests (and feedback retries), and the
+        # learner goes on meanwhile: a version made after the clock is not the arm's.
+        made = Registry(r, keys).all()
+        versions = [v for v in made if v.created - start <= minutes * 60]
+        late = len(made) - len(versions)
         print(
             f"[{name}] sent {sent} prompts; {len(versions)} versions"
+            + (f" ({late} more after the clock, not scored)" if late else "")
             + (f"; feedback accepted {feedback['accepted']} of {feedback['sent']}" if fb else ""),
             flush=True,
         )
@@ -235,6 +240,7 @@ def run_loop_arm(
             "start": start,
             "sent": sent,
             "stream_ran_out_min": ran_out,
+            "versions_after_clock": late,
             "feedback": feedback,
             "trained_by_kind": by_kind,
             "versions": [
