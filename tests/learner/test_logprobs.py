@@ -92,6 +92,35 @@ def test_token_logps_padded_batch_matches_manual_log_softmax(base_model, tokeniz
     assert (got[batch["completion_mask"] == 1] < 0).all()
 
 
+@pytest.mark.parametrize("messages", [MESSAGES, [MESSAGES[1], MESSAGES[1]]], ids=["two", "same"])
+def test_token_logps_values_and_gradients_match_each_row_scored_alone(
+    base_model, tokenizer, messages
+):
+    # token_logps runs the prefix the rows share once (the template's first tokens for two
+    # prompts, the whole prompt for a group's) and takes the LM head at completion
+    # positions only; log-probs and gradient must be those of each row alone, unpadded
+    batch = build_batch(tokenizer, messages, COMPLETIONS, max_len=256)
+    head = base_model.get_output_embeddings().weight
+
+    got = token_logps(base_model, batch)  # (B, T)
+    got.sum().backward()
+    got_grad, head.grad = head.grad.clone(), None
+
+    expected = torch.zeros_like(got)  # (B, T)
+    for i in range(len(messages)):
+        n = int(batch["attention_mask"][i].sum())
+        ids = batch["input_ids"][i, :n]
+        logps = torch.log_softmax(base_model(input_ids=ids[None]).logits[0], dim=-1)  # (n, V)
+        at = batch["completion_mask"][i, :n].bool().nonzero().squeeze(1)  # completion positions
+        row = logps[at - 1, ids[at]]  # (completion tokens,)
+        row.sum().backward()
+        expected[i, at] = row.detach()
+
+    assert torch.allclose(got.detach(), expected, atol=1e-4)
+    assert torch.allclose(got_grad, head.grad, atol=1e-4)
+    assert got_grad.abs().sum() > 0
+
+
 def test_reference_logps_equals_base_model_before_and_after_training(
     lora_model, base_model, tokenizer
 ):
