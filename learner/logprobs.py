@@ -10,7 +10,6 @@ Position t of `token_logps` holds log p(input_ids[t] | input_ids[:t]), so it lin
 with `input_ids` and `completion_mask`: the loss masks are the completion mask itself.
 """
 
-import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -18,6 +17,8 @@ import torch
 from peft import PeftModel
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from strop.model import cache_argument
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
@@ -117,9 +118,10 @@ def token_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     head = input_ids[:, :first]  # (B, first)
     same = ((head == head[:1]) & attention_mask[:, :first].bool()).all(dim=0)  # (first,)
     shared = int(same.long().cumprod(0).sum()) if len(input_ids) > 1 else 0
-    cache = DynamicCache()
+    kw = {}
     if shared:
-        kw = {_cache_argument(model): cache}
+        cache = DynamicCache()
+        kw = {cache_argument(model): cache}
         model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1, **kw)
         cache.batch_repeat_interleave(len(input_ids))
     keep = torch.arange(first - shared, predicts.shape[1] - shared, device=device)  # (K,)
@@ -127,7 +129,7 @@ def token_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         input_ids=input_ids[:, shared:],
         attention_mask=attention_mask,
         logits_to_keep=keep,
-        **({_cache_argument(model): cache} if shared else {}),
+        **kw,
     ).logits  # (B, K, V): positions first .. T-2
     wanted = predicts[:, first:]  # (B, K)
     logps = torch.log_softmax(logits[wanted].float(), dim=-1)  # (N, V), N completion tokens
@@ -137,13 +139,6 @@ def token_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return torch.zeros(completion.shape, dtype=picked.dtype, device=device).masked_scatter(
         completion, picked
     )  # (B, T)
-
-
-def _cache_argument(model: nn.Module) -> str:
-    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, and
-    # goes away in 5.40); older releases know only the old name
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

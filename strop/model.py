@@ -6,6 +6,7 @@ safetensors directory; later starts load that directory in under a second.
 """
 
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -131,3 +133,11 @@ def load_model(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name `model`'s forward takes its KV cache under: transformers 5.2x renamed
+    `past_key_values` to `cache` (the old name warns, and goes away in 5.40)."""
+    # a PeftModel's own forward names neither: ask the model it wraps
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

@@ -1,7 +1,6 @@
 """The scheduler thread: owns the model, batches sequences, runs commands between steps."""
 
 import asyncio
-import inspect
 import logging
 import queue
 import threading
@@ -26,6 +25,7 @@ from service.engines.embedded.cache import BatchCache, SlackLayer
 from service.engines.embedded.request import Request
 from service.engines.embedded.sampling import sample, token_logprobs
 from service.engines.embedded.sequence import Sequence
+from strop.model import cache_argument
 
 log = logging.getLogger("strop.engine.embedded")
 
@@ -89,10 +89,7 @@ class Scheduler:
         self.max_batch_size, self.max_context, self.stats = max_batch_size, max_context, stats
         self.device = next(model.parameters()).device
         self.eos = _eos_ids(model, tokenizer)
-        # transformers 5.2x renamed the cache argument (`past_key_values` warns, and goes
-        # away in 5.40); older releases know only the old name
-        forward = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in forward else "past_key_values"
+        self.cache_kw = cache_argument(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.pending: deque[Sequence] = deque()  # admitted in order, as the batch has room
