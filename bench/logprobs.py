@@ -98,8 +98,12 @@ def main() -> None:
     path = default_model_dir(s.model_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    lora = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, task_type="CAUSAL_LM")
-    lora.target_modules = list(s.lora_target_modules)
+    lora = LoraConfig(
+        r=s.lora_rank,
+        lora_alpha=s.lora_alpha,
+        target_modules=list(s.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     arms = {"full": full_logps, "strop": token_logps}
     results: dict = {"threads": torch.get_num_threads(), "repeats": args.repeats, "batches": {}}
